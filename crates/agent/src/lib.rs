@@ -1,0 +1,1 @@
+//! librelive_agent.so: the runtime that lives inside a target process.

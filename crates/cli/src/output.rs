@@ -1,0 +1,85 @@
+//! Output conventions shared by every command: exit codes, JSON on stdout, errors on stderr.
+
+use serde::Serialize;
+
+/// Exit codes (documented in README.md, "Exit codes").
+pub mod exit {
+    /// Success (including "already active").
+    pub const OK: i32 = 0;
+    /// An error: the operation could not be carried out (bad pid, permissions, target died, I/O).
+    pub const ERROR: i32 = 1;
+    /// Usage error (clap's own code).
+    pub const USAGE: i32 = 2;
+    /// Refusal: relive checked the request and declined it (conflict, incompatible state, bad patch,
+    /// unpatchable prologue, busy). The target is unchanged.
+    pub const REFUSED: i32 = 3;
+    /// Timeout: the operation was carried out but a transition is still pending.
+    pub const TIMEOUT: i32 = 4;
+}
+
+pub const EXAMPLES: &str = "Examples:
+  relive stacks 1234              every thread of pid 1234, with reliable-stack verdicts
+  relive stacks 1234 --json       the same as JSON on stdout";
+
+/// Global context every command receives.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub json: bool,
+}
+
+/// A command's failure, classified for the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Declined after checking; the target is unchanged (exit 3).
+    Refused(anyhow::Error),
+    /// Could not be carried out (exit 1).
+    Error(anyhow::Error),
+    /// Carried out, but a transition is still pending (exit 4).
+    Timeout(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Error(e)
+    }
+}
+
+pub type CmdResult = Result<(), Failure>;
+
+impl Ctx {
+    /// Prints `value` as pretty JSON on stdout. Only call this when `self.json` is set.
+    pub fn print_json<T: Serialize>(&self, value: &T) {
+        match serde_json::to_string_pretty(value) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("relive: cannot encode JSON output: {e}"),
+        }
+    }
+}
+
+/// Reports a failure (on stderr, and as `{"error": …}` on stdout with `--json`) and returns the exit code.
+pub fn finish(ctx: &Ctx, result: CmdResult) -> i32 {
+    let (code, kind, err) = match result {
+        Ok(()) => return exit::OK,
+        Err(Failure::Refused(e)) => (exit::REFUSED, "refused", e),
+        Err(Failure::Error(e)) => (exit::ERROR, "error", e),
+        Err(Failure::Timeout(e)) => (exit::TIMEOUT, "timeout", e),
+    };
+    let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+    eprintln!("relive: {}", chain.join(": "));
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({ "error": { "kind": kind, "message": chain.join(": "), "exit_code": code } }));
+    }
+    code
+}
+
+/// Logs go to stderr, filtered by RUST_LOG or by -v.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

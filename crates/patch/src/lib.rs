@@ -1,0 +1,2 @@
+//! relive-patch: what patch authors use in Rust.
+#![forbid(unsafe_code)]

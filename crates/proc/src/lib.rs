@@ -1,0 +1,3 @@
+//! relive-proc: the only crate that touches the operating system (ptrace, /proc, memory I/O).
+
+pub mod child;
