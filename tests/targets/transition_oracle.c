@@ -1,0 +1,201 @@
+/* Consistency oracle for the transition driver (issue 5, test 1; SPEC C5/C5a, DESIGN §4.5).
+ *
+ * Eight workers call f in a loop; f calls g twice. Each version of g returns a tag in its low byte
+ * (the original: 1); each version of f checks that both calls reached the g of its own version and
+ * counts any mix in `oracle_mix`. f returns its version number, which each worker records.
+ * Two sleepers sit in nanosleep inside other functions. With `--stall` a third kind of thread
+ * sleeps forever inside `held` (test 2, T-cb9). With `--churn N` a spawner creates and joins
+ * short-lived threads (test 9): each calls f once and checks it runs `want_version`.
+ * With `--signals` a signaller interrupts the workers with SIGUSR1 whose handler calls f (test 10).
+ *
+ * Every 20 ms the reporter prints one line:
+ *   stats calls=<n> v1=<n> v2=<n> ... mix=<n> workers=<v,v,...> churn=<n> churn_bad=<n> sig=<n>
+ * Built with -rdynamic so patches resolve g, oracle_mix and friends from the executable.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WORKERS 8
+#define MAXV 8
+
+atomic_long oracle_mix;
+atomic_long oracle_calls[MAXV];
+atomic_int oracle_worker_version[WORKERS];
+atomic_long oracle_churn;
+atomic_long oracle_churn_bad;
+atomic_long oracle_sig;
+/* The version a newly created thread must run (set by the test through stdin: "want N"). */
+atomic_int oracle_want = 0;
+volatile long oracle_sink;
+
+__attribute__((noipa)) long g(long x) {
+    long s = x;
+    for (int i = 0; i < 40; i++) s = s * 31 + i;
+    oracle_sink = s;
+    return (s & ~0xffL) | 1;
+}
+
+__attribute__((noipa)) int f(long x) {
+    long a = g(x);
+    for (volatile int i = 0; i < 30; i++) {
+    }
+    long b = g(x + 1);
+    if ((a & 0xff) != 1 || (b & 0xff) != 1) atomic_fetch_add(&oracle_mix, 1);
+    return 1;
+}
+
+/* A patched function a thread can sleep in forever (test 2). */
+__attribute__((noipa)) long held(long x) {
+    for (;;) {
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        oracle_sink = x;
+    }
+    return x;
+}
+
+static void spin_outside(void) {
+    for (volatile int i = 0; i < 200; i++) {
+    }
+}
+
+static void *worker(void *arg) {
+    int w = (int)(long)arg;
+    for (long n = 0;; n++) {
+        int v = f(n);
+        if (v >= 0 && v < MAXV) atomic_fetch_add(&oracle_calls[v], 1);
+        atomic_store(&oracle_worker_version[w], v);
+        spin_outside();
+    }
+    return NULL;
+}
+
+__attribute__((noipa)) static void sleeper_a(void) {
+    for (;;) {
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+__attribute__((noipa)) static void sleeper_b(void) {
+    for (;;) {
+        struct timespec ts = {0, 300 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void *sleeper(void *arg) {
+    if (arg)
+        sleeper_a();
+    else
+        sleeper_b();
+    return NULL;
+}
+
+static void *holder(void *arg) {
+    (void)arg;
+    held(7);
+    return NULL;
+}
+
+static void *churn_one(void *arg) {
+    (void)arg;
+    int v = f(3);
+    int want = atomic_load(&oracle_want);
+    atomic_fetch_add(&oracle_churn, 1);
+    if (want && v != want) atomic_fetch_add(&oracle_churn_bad, 1);
+    return NULL;
+}
+
+static long churn_total;
+static void *churner(void *arg) {
+    (void)arg;
+    for (long i = 0; i < churn_total; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, churn_one, NULL) == 0) pthread_join(t, NULL);
+        struct timespec ts = {0, 200 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static pthread_t workers[WORKERS];
+static void on_usr1(int sig) {
+    (void)sig;
+    f(11);
+    atomic_fetch_add(&oracle_sig, 1);
+}
+
+static void *signaller(void *arg) {
+    (void)arg;
+    for (unsigned n = 0;; n++) {
+        pthread_kill(workers[n % WORKERS], SIGUSR1);
+        struct timespec ts = {0, 200 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static void *reader(void *arg) {
+    (void)arg;
+    char line[128];
+    while (fgets(line, sizeof line, stdin)) {
+        int v;
+        if (sscanf(line, "want %d", &v) == 1) atomic_store(&oracle_want, v);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int stall = 0, sigs = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--stall")) stall = 1;
+        if (!strcmp(argv[i], "--signals")) sigs = 1;
+        if (!strcmp(argv[i], "--churn") && i + 1 < argc) churn_total = atol(argv[++i]);
+    }
+    if (sigs) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_usr1;
+        sa.sa_flags = SA_RESTART;
+        sigaction(SIGUSR1, &sa, NULL);
+    }
+    pthread_t t;
+    for (long w = 0; w < WORKERS; w++) pthread_create(&workers[w], NULL, worker, (void *)w);
+    pthread_create(&t, NULL, sleeper, (void *)1);
+    pthread_create(&t, NULL, sleeper, (void *)0);
+    if (stall) pthread_create(&t, NULL, holder, NULL);
+    if (churn_total) pthread_create(&t, NULL, churner, NULL);
+    if (sigs) pthread_create(&t, NULL, signaller, NULL);
+    pthread_create(&t, NULL, reader, NULL);
+    /* Wait until every worker has made a call before declaring readiness. */
+    for (;;) {
+        int all = 1;
+        for (int w = 0; w < WORKERS; w++) all &= atomic_load(&oracle_worker_version[w]) != 0;
+        if (all) break;
+        usleep(1000);
+    }
+    printf("oracle ready pid=%d\n", getpid());
+    for (;;) {
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        char ws[64];
+        int o = 0;
+        for (int w = 0; w < WORKERS; w++)
+            o += snprintf(ws + o, sizeof ws - o, "%s%d", w ? "," : "", atomic_load(&oracle_worker_version[w]));
+        printf("stats calls=%ld v1=%ld v2=%ld v3=%ld v4=%ld mix=%ld workers=%s churn=%ld churn_bad=%ld sig=%ld\n",
+               atomic_load(&oracle_calls[1]) + atomic_load(&oracle_calls[2]) + atomic_load(&oracle_calls[3]) +
+                   atomic_load(&oracle_calls[4]),
+               atomic_load(&oracle_calls[1]), atomic_load(&oracle_calls[2]), atomic_load(&oracle_calls[3]),
+               atomic_load(&oracle_calls[4]), atomic_load(&oracle_mix), ws, atomic_load(&oracle_churn),
+               atomic_load(&oracle_churn_bad), atomic_load(&oracle_sig));
+    }
+}
