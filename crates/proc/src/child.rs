@@ -22,8 +22,16 @@ pub struct GuardedChild {
 pub enum SpawnError {
     #[error("cannot start {program}: {source}")]
     Start { program: String, source: std::io::Error },
-    #[error("{program} (pid {pid}) did not print {ready:?} within {timeout:?}; its output so far: {output:?}")]
-    NotReady { program: String, pid: u32, ready: String, timeout: Duration, output: String },
+    #[error(
+        "{program} (pid {pid}) did not print {ready:?} within {timeout:?}; its output so far: {output:?}"
+    )]
+    NotReady {
+        program: String,
+        pid: u32,
+        ready: String,
+        timeout: Duration,
+        output: String,
+    },
 }
 
 /// Makes `cmd` die with its parent: sets `PR_SET_PDEATHSIG(SIGKILL)` in the child before exec.
@@ -49,7 +57,10 @@ pub fn spawn_guarded(mut cmd: Command, ready: &str, timeout: Duration) -> Result
     let program = cmd.get_program().to_string_lossy().into_owned();
     cmd.stdout(Stdio::piped());
     die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().map_err(|source| SpawnError::Start { program: program.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
+        program: program.clone(),
+        source,
+    })?;
     let stdout: ChildStdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -72,7 +83,7 @@ pub fn spawn_guarded(mut cmd: Command, ready: &str, timeout: Duration) -> Result
     let deadline = std::time::Instant::now() + timeout;
     let mut output = String::new();
     let pid = child.id();
-    let mut guard = GuardedChild { child, lines: rx };
+    let guard = GuardedChild { child, lines: rx };
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match guard.lines.recv_timeout(left) {
@@ -82,7 +93,13 @@ pub fn spawn_guarded(mut cmd: Command, ready: &str, timeout: Duration) -> Result
                 output.push('\n');
             }
             Err(_) => {
-                return Err(SpawnError::NotReady { program, pid, ready: ready.into(), timeout, output });
+                return Err(SpawnError::NotReady {
+                    program,
+                    pid,
+                    ready: ready.into(),
+                    timeout,
+                    output,
+                });
             }
         }
     }

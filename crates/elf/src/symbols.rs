@@ -1,0 +1,353 @@
+//! Symbols from `.symtab`, `.dynsym` and a debug file, with sizes and versions, lookup by address,
+//! and SPEC D5 `sympos` resolution.
+
+use crate::addr::Svma;
+use object::elf;
+use object::read::elf::{ElfFile64, FileHeader, SectionHeader, Sym};
+use object::{Endianness, SymbolIndex};
+use serde::Serialize;
+use std::collections::HashSet;
+
+/// Where a symbol was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SymSource {
+    Symtab,
+    Dynsym,
+    /// The `.symtab` of a separate debug file (found by build-id).
+    DebugFile,
+}
+
+/// Function or data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SymKind {
+    Func,
+    /// `STT_GNU_IFUNC`: the symbol's address is the resolver.
+    Ifunc,
+    Object,
+}
+
+/// One defined symbol of an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Symbol {
+    /// The raw (mangled) name.
+    pub name: String,
+    pub addr: Svma,
+    pub size: u64,
+    /// Symbol version from `.gnu.version` (e.g. `GLIBC_2.34`), `.dynsym` only.
+    pub version: Option<String>,
+    /// `true` when the version is the default one (`@@`).
+    pub default_version: bool,
+    pub global: bool,
+    pub kind: SymKind,
+    pub source: SymSource,
+}
+
+/// Why a `(object, name, sympos)` triple did not resolve (SPEC D5).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ResolveError {
+    #[error(
+        "function {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name); check the spelling or provide a debug file (--debug-dir)"
+    )]
+    NotFound { object: String, name: String },
+    #[error("function {name} is ambiguous in {object}: {} candidates ({}); give sympos 1..={} to pick one (SPEC D5)",
+        candidates.len(),
+        candidates.iter().enumerate().map(|(i, c)| format!("sympos {}: {} size {}", i + 1, c.0, c.1)).collect::<Vec<_>>().join(", "),
+        candidates.len())]
+    Ambiguous {
+        object: String,
+        name: String,
+        candidates: Vec<(Svma, u64)>,
+    },
+    #[error(
+        "function {name} has only {count} occurrence(s) in {object}, sympos {sympos} does not exist (SPEC D5)"
+    )]
+    NoSuchPos {
+        object: String,
+        name: String,
+        sympos: u32,
+        count: usize,
+    },
+    #[error(
+        "function {name} in {object} at {addr} has no size in the symbol table (SPEC D5: ENOENT); relive needs the size to patch it"
+    )]
+    NoSize {
+        object: String,
+        name: String,
+        addr: Svma,
+    },
+}
+
+/// All function and object symbols of one object, in symbol-table order (`.symtab`, then `.dynsym`
+/// entries not already seen, then the debug file's), plus an address index.
+#[derive(Debug, Clone, Default)]
+pub struct SymbolTable {
+    pub symbols: Vec<Symbol>,
+    /// Indices into `symbols` of functions with a non-zero address, sorted by address.
+    by_addr: Vec<usize>,
+}
+
+fn read_table(
+    data: &[u8],
+    dynamic: bool,
+    source: SymSource,
+    out: &mut Vec<Symbol>,
+    seen: &mut HashSet<(String, u64)>,
+) {
+    let Ok(file) = ElfFile64::<Endianness>::parse(data) else {
+        return;
+    };
+    let endian = file.endian();
+    let table = if dynamic {
+        file.elf_dynamic_symbol_table()
+    } else {
+        file.elf_symbol_table()
+    };
+    let versions = if dynamic {
+        file.elf_section_table().versions(endian, data).ok().flatten()
+    } else {
+        None
+    };
+    let _ = file.elf_header().e_type(endian);
+    for (i, sym) in table.enumerate() {
+        let st_type = sym.st_type();
+        let kind = match st_type {
+            elf::STT_FUNC => SymKind::Func,
+            elf::STT_GNU_IFUNC => SymKind::Ifunc,
+            elf::STT_OBJECT | elf::STT_TLS => SymKind::Object,
+            _ => continue,
+        };
+        if sym.st_shndx(endian) == elf::SHN_UNDEF {
+            continue;
+        }
+        let Ok(name) = table.symbol_name(endian, sym) else {
+            continue;
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let name = String::from_utf8_lossy(name).into_owned();
+        let addr = sym.st_value(endian);
+        if !seen.insert((name.clone(), addr)) {
+            continue;
+        }
+        let (version, default_version) = match &versions {
+            Some(vt) => {
+                let vi = vt.version_index(endian, SymbolIndex(i.0));
+                match vt.version(vi.index()) {
+                    Ok(Some(v)) => (
+                        Some(String::from_utf8_lossy(v.name()).into_owned()),
+                        !vi.is_hidden(),
+                    ),
+                    _ => (None, false),
+                }
+            }
+            None => (None, false),
+        };
+        out.push(Symbol {
+            name,
+            addr: Svma(addr),
+            size: sym.st_size(endian),
+            version,
+            default_version,
+            global: sym.st_bind() != elf::STB_LOCAL,
+            kind,
+            source,
+        });
+    }
+    // Silence an unused import on some configurations.
+    let _ = file.elf_section_table().iter().next().map(|s| s.sh_type(endian));
+}
+
+impl SymbolTable {
+    /// Reads `.symtab` and `.dynsym` of `data`, and the `.symtab` of `debug` (a separate debug file
+    /// with the same build-id), if given.
+    pub fn from_elf(data: &[u8], debug: Option<&[u8]>) -> SymbolTable {
+        let mut symbols = Vec::new();
+        let mut seen = HashSet::new();
+        read_table(data, false, SymSource::Symtab, &mut symbols, &mut seen);
+        read_table(data, true, SymSource::Dynsym, &mut symbols, &mut seen);
+        if let Some(d) = debug {
+            read_table(d, false, SymSource::DebugFile, &mut symbols, &mut seen);
+        }
+        Self::from_symbols(symbols)
+    }
+
+    /// Builds the table from symbols in table order.
+    pub fn from_symbols(symbols: Vec<Symbol>) -> SymbolTable {
+        let mut by_addr: Vec<usize> = (0..symbols.len())
+            .filter(|&i| symbols[i].kind != SymKind::Object && symbols[i].addr.0 != 0)
+            .collect();
+        // Sort by address; among aliases at one address prefer the global, sized, shortest name.
+        by_addr.sort_by_key(|&i| {
+            let s = &symbols[i];
+            (
+                s.addr,
+                !s.global,
+                s.size == 0,
+                s.name.starts_with('_'),
+                s.name.len(),
+            )
+        });
+        SymbolTable { symbols, by_addr }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// The function containing `addr`, and the offset into it. A symbol without a size covers the
+    /// addresses up to the next symbol.
+    pub fn lookup(&self, addr: Svma) -> Option<(&Symbol, u64)> {
+        let pos = self.by_addr.partition_point(|&i| self.symbols[i].addr <= addr);
+        if pos == 0 {
+            return None;
+        }
+        // Walk back over symbols at lower addresses: the nearest one whose extent covers addr.
+        let mut best: Option<&Symbol> = None;
+        let mut k = pos;
+        let first_addr = self.symbols[self.by_addr[pos - 1]].addr;
+        while k > 0 {
+            let s = &self.symbols[self.by_addr[k - 1]];
+            if s.addr != first_addr {
+                break;
+            }
+            best = Some(s);
+            k -= 1;
+        }
+        let s = best?;
+        let off = addr.0 - s.addr.0;
+        if s.size != 0 && off >= s.size {
+            return None;
+        }
+        if s.size == 0 {
+            // An unsized symbol covers up to the next symbol only.
+            if let Some(&n) = self.by_addr.get(pos)
+                && self.symbols[n].addr <= addr
+            {
+                return None;
+            }
+        }
+        Some((s, off))
+    }
+
+    /// Every function symbol named `name`, in table order (SPEC D5's occurrence order).
+    pub fn functions_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Symbol> + 'a {
+        self.symbols
+            .iter()
+            .filter(move |s| s.kind != SymKind::Object && s.name == name)
+    }
+
+    /// SPEC D5: `sympos == 0` requires a unique name; `sympos == N` takes the N-th occurrence in
+    /// table order. Aliases (same address) count once. A function without a size is refused.
+    pub fn resolve<'a>(
+        &'a self,
+        object: &str,
+        name: &'a str,
+        sympos: u32,
+    ) -> Result<&'a Symbol, ResolveError> {
+        let mut cands: Vec<&Symbol> = Vec::new();
+        for s in self.functions_named(name) {
+            if !cands.iter().any(|c| c.addr == s.addr) {
+                cands.push(s);
+            }
+        }
+        let sym = match (sympos, cands.len()) {
+            (_, 0) => {
+                return Err(ResolveError::NotFound {
+                    object: object.into(),
+                    name: name.into(),
+                });
+            }
+            (0, 1) => cands[0],
+            (0, _) => {
+                return Err(ResolveError::Ambiguous {
+                    object: object.into(),
+                    name: name.into(),
+                    candidates: cands.iter().map(|c| (c.addr, c.size)).collect(),
+                });
+            }
+            (n, count) if n as usize > count => {
+                return Err(ResolveError::NoSuchPos {
+                    object: object.into(),
+                    name: name.into(),
+                    sympos: n,
+                    count,
+                });
+            }
+            (n, _) => cands[n as usize - 1],
+        };
+        if sym.size == 0 {
+            return Err(ResolveError::NoSize {
+                object: object.into(),
+                name: name.into(),
+                addr: sym.addr,
+            });
+        }
+        Ok(sym)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sym(name: &str, addr: u64, size: u64, global: bool) -> Symbol {
+        Symbol {
+            name: name.into(),
+            addr: Svma(addr),
+            size,
+            version: None,
+            default_version: false,
+            global,
+            kind: SymKind::Func,
+            source: SymSource::Symtab,
+        }
+    }
+
+    fn table() -> SymbolTable {
+        SymbolTable::from_symbols(vec![
+            sym("helper", 0x1000, 0x20, false),
+            sym("main", 0x1100, 0x40, true),
+            sym("helper", 0x1200, 0x10, false),
+            sym("unsized", 0x1300, 0, true),
+            sym("after", 0x1380, 0x8, true),
+            sym("alias_b", 0x1100, 0x40, false),
+        ])
+    }
+
+    #[test]
+    fn t_d5_sympos_rules() {
+        let t = table();
+        assert_eq!(t.resolve("x", "main", 0).unwrap().addr, Svma(0x1100));
+        assert_eq!(t.resolve("x", "main", 1).unwrap().addr, Svma(0x1100));
+        assert_eq!(t.resolve("x", "helper", 1).unwrap().addr, Svma(0x1000));
+        assert_eq!(t.resolve("x", "helper", 2).unwrap().addr, Svma(0x1200));
+        let e = t.resolve("x", "helper", 0).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("0x1000") && msg.contains("0x1200"), "{msg}");
+        assert!(matches!(
+            t.resolve("x", "helper", 3),
+            Err(ResolveError::NoSuchPos { count: 2, .. })
+        ));
+        assert!(matches!(
+            t.resolve("x", "nope", 0),
+            Err(ResolveError::NotFound { .. })
+        ));
+        assert!(matches!(
+            t.resolve("x", "unsized", 0),
+            Err(ResolveError::NoSize { .. })
+        ));
+    }
+
+    #[test]
+    fn lookup_by_address() {
+        let t = table();
+        let (s, off) = t.lookup(Svma(0x1105)).unwrap();
+        assert_eq!((s.name.as_str(), off), ("main", 5));
+        assert_eq!(t.lookup(Svma(0x1010)).unwrap().0.name, "helper");
+        assert!(t.lookup(Svma(0x1020)).is_none(), "past helper's size");
+        assert!(t.lookup(Svma(0x500)).is_none());
+        assert_eq!(t.lookup(Svma(0x1340)).unwrap().0.name, "unsized");
+        assert_eq!(t.lookup(Svma(0x1381)).unwrap().0.name, "after");
+    }
+}
