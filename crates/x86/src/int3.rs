@@ -1,0 +1,90 @@
+//! The stop-free entry write of PAUSE-FREE.md §2 (the kernel's text_poke_bp in user space): int3, sync,
+//! tail, sync, head, sync. The agent's SIGTRAP handler sends a thread that hits the int3 to `handler_dest`
+//! (it emulates the new instruction) and re-executes the site if the int3 is already gone.
+
+use crate::{EncodeError, EntryWrite};
+
+/// The breakpoint byte.
+pub const INT3: u8 = 0xcc;
+
+/// One step of the protocol, done in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Int3Step {
+    /// `pwrite(/proc/PID/mem, bytes, addr)` (or the agent's write to `/proc/self/mem`).
+    Write { addr: u64, bytes: Vec<u8> },
+    /// Ask the agent for `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` and wait for its answer.
+    SyncCores,
+}
+
+/// The whole protocol for one entry write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Int3Plan {
+    pub site: u64,
+    /// Where the SIGTRAP handler sends a thread that traps on the site's int3. Put it in the agent's site
+    /// table *before* the first step.
+    pub handler_dest: u64,
+    /// The bytes the site holds when the protocol starts; read back and compare before step 1.
+    pub expect: Vec<u8>,
+    pub steps: Vec<Int3Step>,
+}
+
+/// Turns a stop-free [`EntryWrite`] into the int3 protocol. `handler_dest` is what executing the new bytes
+/// would do: the new jump's target when installing or retargeting a jump, the old-path copy (or `resume` for
+/// a pad) when restoring the original bytes. Refuses writes that are not stop-free (several instructions
+/// under the written bytes: PAUSE-FREE.md §4 shows a thread resumed at an interior boundary crashes), a site
+/// that already holds an int3 (a debugger or uprobe), and writes shorter than 2 bytes.
+pub fn int3_protocol(write: &EntryWrite, handler_dest: u64) -> Result<Int3Plan, EncodeError> {
+    let inv = |reason: &str| EncodeError::Invalid {
+        what: "int3 protocol".into(),
+        at: write.addr,
+        reason: reason.into(),
+    };
+    if !write.stop_free {
+        return Err(inv(
+            "the bytes replaced hold several instructions; stop every thread and check their PCs instead (DESIGN.md §4.3)",
+        ));
+    }
+    if write.bytes.len() < 2 || write.bytes.len() != write.expect.len() {
+        return Err(inv("the write must replace at least 2 bytes with as many"));
+    }
+    if write.expect[0] == INT3 || write.bytes[0] == INT3 {
+        return Err(inv(
+            "the site holds an int3 already: a debugger, a uprobe or another tool owns it",
+        ));
+    }
+    Ok(Int3Plan {
+        site: write.addr,
+        handler_dest,
+        expect: write.expect.clone(),
+        steps: vec![
+            Int3Step::Write {
+                addr: write.addr,
+                bytes: vec![INT3],
+            },
+            Int3Step::SyncCores,
+            Int3Step::Write {
+                addr: write.addr + 1,
+                bytes: write.bytes[1..].to_vec(),
+            },
+            Int3Step::SyncCores,
+            Int3Step::Write {
+                addr: write.addr,
+                bytes: vec![write.bytes[0]],
+            },
+            Int3Step::SyncCores,
+        ],
+    })
+}
+
+/// The site's contents after applying `steps[..upto]` to `expect` (for read-back checks between steps, and
+/// to recognise where a killed controller left the protocol).
+pub fn int3_state_after(plan: &Int3Plan, upto: usize) -> Vec<u8> {
+    let mut cur = plan.expect.clone();
+    for s in &plan.steps[..upto.min(plan.steps.len())] {
+        if let Int3Step::Write { addr, bytes } = s {
+            let off = (addr - plan.site) as usize;
+            cur[off..off + bytes.len()].copy_from_slice(bytes);
+        }
+    }
+    cur
+}

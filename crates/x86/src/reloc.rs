@@ -1,0 +1,77 @@
+//! Relocation of displaced instructions with iced-x86's `BlockEncoder` (DESIGN.md §4.3).
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Instruction, InstructionBlock,
+};
+
+use crate::EncodeError;
+
+/// Code moved to a new address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relocated {
+    /// Where `code` must be placed (AVMA).
+    pub ip: u64,
+    /// The encoded bytes.
+    pub code: Vec<u8>,
+    /// For each input instruction, its offset in `code` (the jump back, if any, follows the last one).
+    pub new_offsets: Vec<u32>,
+}
+
+/// Decodes `bytes` at `ip` into instructions. Returns the address of the first undecodable byte on error.
+pub fn decode_all(ip: u64, bytes: &[u8]) -> Result<Vec<Instruction>, u64> {
+    let mut dec = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    let mut out = Vec::with_capacity(bytes.len() / 3 + 1);
+    let mut ins = Instruction::default();
+    while dec.can_decode() {
+        dec.decode_out(&mut ins);
+        if ins.is_invalid() {
+            return Err(ins.ip());
+        }
+        out.push(ins);
+    }
+    Ok(out)
+}
+
+/// Re-encodes `instructions` (decoded at their original addresses) so that they run at `new_ip` and compute
+/// the same absolute branch targets and RIP-relative addresses; branches between the instructions of the
+/// block keep pointing at the same instructions. Short branches are widened as needed; a branch or the
+/// jump back whose target is beyond ±2 GiB becomes an absolute `jmp/call [rip+x]` (BlockEncoder's far form).
+/// `jump_back`, when given, appends a jump to that address after the last instruction.
+///
+/// Fails when a RIP-relative data operand cannot reach its target from `new_ip` (±2 GiB).
+pub fn relocate(
+    instructions: &[Instruction],
+    new_ip: u64,
+    jump_back: Option<u64>,
+) -> Result<Relocated, EncodeError> {
+    let mut block: Vec<Instruction> = instructions.to_vec();
+    if let Some(back) = jump_back {
+        let mut j = Instruction::with_branch(Code::Jmp_rel32_64, back).map_err(|e| EncodeError::Invalid {
+            what: "jump back".into(),
+            at: new_ip,
+            reason: e.to_string(),
+        })?;
+        // The jump back sits where the original continues: a branch of the block to `back` may be
+        // resolved to it, which is equivalent.
+        let ip = instructions.last().map_or(back, |l| l.next_ip());
+        j.set_ip(ip);
+        block.push(j);
+    }
+    let res = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&block, new_ip),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(|e| EncodeError::Encoder {
+        what: "relocated instructions".into(),
+        at: new_ip,
+        reason: e.to_string(),
+    })?;
+    let mut new_offsets = res.new_instruction_offsets;
+    new_offsets.truncate(instructions.len());
+    Ok(Relocated {
+        ip: new_ip,
+        code: res.code_buffer,
+        new_offsets,
+    })
+}

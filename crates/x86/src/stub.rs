@@ -1,0 +1,118 @@
+//! Dispatchers (DESIGN.md §4.4). Stubs touch only the flags: no general or vector register is clobbered.
+
+use iced_x86::code_asm::{CodeAssembler, byte_ptr, dword_ptr, qword_ptr};
+
+use crate::EncodeError;
+
+/// Width of the agent's per-thread state slot at `fs:[tpoff]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateWidth {
+    Byte,
+    Dword,
+    Qword,
+}
+
+/// The agent's per-thread state slot (DESIGN.md §4.2) and the values it holds (SPEC C1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsSlot {
+    /// Offset of the slot from the thread pointer (`fs_base`); negative for initial-exec TLS.
+    pub tpoff: i32,
+    pub width: StateWidth,
+    /// The value meaning PATCHED (must fit the width; 0..=127 always does).
+    pub patched: u32,
+    /// The value meaning UNPATCHED.
+    pub unpatched: u32,
+}
+
+/// The direction of the transition a dispatcher serves. IDLE (a thread the driver has not reached yet)
+/// counts as the starting state (DESIGN.md §4.4, SPEC C2/H3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Target PATCHED: only threads whose state is PATCHED take the new version.
+    Patching,
+    /// Target UNPATCHED: only threads whose state is UNPATCHED take the old version.
+    Unpatching,
+}
+
+/// What a dispatcher chooses between (SPEC H3): `new_version` is the top of the function's stack (for
+/// PATCHED threads), `old_version` the entry below it or the original's old path (for UNPATCHED threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatch {
+    pub slot: TlsSlot,
+    pub direction: Direction,
+    /// Reached with an absolute `jmp [rip+x]`: it may be anywhere in the address space.
+    pub new_version: u64,
+    /// Reached with `jmp rel32` when within ±2 GiB of the dispatcher, else with an absolute jump.
+    pub old_version: u64,
+}
+
+/// Longest dispatcher [`encode_dispatcher`] produces (cmp 10 + jcc 6 + jmp [rip] 6 + far old jmp 6 + 2
+/// pointers 16), so the driver can lay stubs out before encoding them.
+pub const DISPATCHER_MAX_LEN: usize = 48;
+
+/// Encodes the dispatcher placed at `at`:
+///
+/// ```text
+/// cmp  <width> ptr fs:[tpoff], PATCHED      ; Patching   (IDLE, UNPATCHED → old)
+/// jne  old                                  ;
+/// cmp  <width> ptr fs:[tpoff], UNPATCHED    ; Unpatching (IDLE, PATCHED → new)
+/// je   old                                  ;
+/// jmp  qword ptr [rip+new_ptr]
+/// old: jmp old_version                      ; rel32, or absolute when far
+/// new_ptr: .quad new_version
+/// ```
+///
+/// Only the flags change, which the SysV ABI allows at a function's entry.
+pub fn encode_dispatcher(at: u64, d: &Dispatch) -> Result<Vec<u8>, EncodeError> {
+    let err = |e: iced_x86::IcedError| EncodeError::Encoder {
+        what: "dispatcher".into(),
+        at,
+        reason: e.to_string(),
+    };
+    let value = match d.direction {
+        Direction::Patching => d.slot.patched,
+        Direction::Unpatching => d.slot.unpatched,
+    };
+    let mut a = CodeAssembler::new(64).map_err(err)?;
+    // An absolute disp32 (no base, no index) is sign-extended: fs:[-152] addresses fs_base - 152.
+    let slot = d.slot.tpoff as i64 as u64;
+    match d.slot.width {
+        StateWidth::Byte => {
+            let v = u8::try_from(value).map_err(|_| EncodeError::Invalid {
+                what: "dispatcher".into(),
+                at,
+                reason: format!("state value {value} does not fit a byte slot"),
+            })?;
+            a.cmp(byte_ptr(slot).fs(), v as i32).map_err(err)?;
+        }
+        StateWidth::Dword => a.cmp(dword_ptr(slot).fs(), value as i32).map_err(err)?,
+        StateWidth::Qword => {
+            let v = i32::try_from(value).map_err(|_| EncodeError::Invalid {
+                what: "dispatcher".into(),
+                at,
+                reason: format!("state value {value} does not fit a sign-extended imm32"),
+            })?;
+            a.cmp(qword_ptr(slot).fs(), v).map_err(err)?
+        }
+    }
+    let mut old = a.create_label();
+    let mut new_ptr = a.create_label();
+    match d.direction {
+        Direction::Patching => a.jne(old).map_err(err)?,
+        Direction::Unpatching => a.je(old).map_err(err)?,
+    }
+    a.jmp(qword_ptr(new_ptr)).map_err(err)?;
+    a.set_label(&mut old).map_err(err)?;
+    a.jmp(d.old_version).map_err(err)?;
+    a.set_label(&mut new_ptr).map_err(err)?;
+    a.dq(&[d.new_version]).map_err(err)?;
+    a.assemble(at).map_err(err)
+}
+
+/// A jump placed at `at` to `target`: `jmp rel32` when it reaches, else the 14-byte absolute form.
+pub fn encode_jump(at: u64, target: u64) -> Vec<u8> {
+    match crate::entry::encode_jmp_rel32(at, target) {
+        Ok(b) => b.to_vec(),
+        Err(_) => crate::entry::encode_abs_jump(target).to_vec(),
+    }
+}
