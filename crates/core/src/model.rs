@@ -1,0 +1,1311 @@
+//! The state machine: patches (D1–D3), func stacks (D9), the transition (C1–C11), dispatch (H3/H4), atomic
+//! replace (R1–R7), callbacks order (CB1–CB5, CB8), system states (ST1–ST3) and the conflict policy (K5).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, StateProblem, phase_name};
+use crate::ids::{FuncId, ObjectId, PatchState, Range, Tid};
+use crate::output::{
+    Action, CallbackKind, Code, EntryTarget, Event, Output, SwitchOutcome, ThreadStack, Unreliable,
+};
+use crate::spec::{CallbackSet, PatchSpec, StateSpec};
+
+/// The version of the serialized [`Model`]. Bump it on any incompatible change of the field names or meaning.
+pub const FORMAT_VERSION: u32 = 1;
+/// C5.4: the kernel's stack-trace buffer holds 100 entries; a deeper stack counts as unreliable.
+pub const DEFAULT_MAX_DEPTH: usize = 100;
+/// C8: every 15th failed completion attempt signals the remaining pending threads.
+pub const SIGNAL_EVERY: u32 = 15;
+/// D5: KSYM_NAME_LEN since 6.1.
+pub const MAX_FUNC_NAME: usize = 512;
+
+/// D1: an active patch (enabled, or in transition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Patch {
+    pub name: String,
+    pub replace: bool,
+    pub stacking: bool,
+    /// D1: "the target is patched"; true from the *start* of the patching transition.
+    pub enabled: bool,
+    /// C11: a forced patch is never unloaded (U9).
+    pub forced: bool,
+    pub objects: Vec<Object>,
+    pub states: Vec<StateSpec>,
+}
+
+impl Patch {
+    /// Every func with its object, in array order.
+    pub fn funcs(&self) -> impl Iterator<Item = (&Object, &Func)> {
+        self.objects
+            .iter()
+            .flat_map(|o| o.funcs.iter().map(move |f| (o, f)))
+    }
+
+    /// The func of this patch with identity `id` (D6/D7), nops included.
+    pub fn func(&self, id: &FuncId) -> Option<&Func> {
+        self.objects
+            .iter()
+            .flat_map(|o| o.funcs.iter())
+            .find(|f| f.id == *id)
+    }
+
+    fn object_mut(&mut self, id: &ObjectId) -> Option<&mut Object> {
+        self.objects.iter_mut().find(|o| o.id == *id)
+    }
+
+    /// ST1 `klp_get_state`: linear search of the patch's states.
+    pub fn state(&self, id: u64) -> Option<StateSpec> {
+        self.states.iter().copied().find(|s| s.id == id)
+    }
+}
+
+/// D2: an object of a patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Object {
+    pub id: ObjectId,
+    pub loaded: bool,
+    /// D2/R2: created by replace to hold nops; discarded with them.
+    pub dynamic: bool,
+    /// S1: the object's funcs are on their stacks.
+    pub patched: bool,
+    pub callbacks: CallbackSet,
+    /// CB2: pre_patch ran and succeeded (or is absent), so post_unpatch may run once.
+    pub post_unpatch_enabled: bool,
+    pub funcs: Vec<Func>,
+}
+
+/// D3: a func of a patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Func {
+    pub id: FuncId,
+    pub old: Option<Range>,
+    /// None for a nop (D8: a nop runs the original).
+    pub new: Option<Range>,
+    pub nop: bool,
+    /// D10.
+    pub patched: bool,
+    /// D10.
+    pub transition: bool,
+}
+
+/// D9: the stack of replacements of one original function; `entries` holds patch names, bottom first, so
+/// the last one is the head (newest, active).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FuncStack {
+    pub func: FuncId,
+    pub old: Range,
+    pub entries: Vec<String>,
+}
+
+/// Where the transition stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// C2 done, waiting for the pre_patch results ([`Model::start`]).
+    Init,
+    /// C3 done: threads switch (C5) until none is pending.
+    Started,
+}
+
+/// D12: the transition patch and target state, plus the bookkeeping of C8.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub patch: String,
+    pub target: PatchState,
+    /// The state every thread was given at init (C2); a thread whose slot reads IDLE runs this world
+    /// (DESIGN §4.4). A reverse (L6) does not change it.
+    pub initial: PatchState,
+    pub phase: Phase,
+    /// C8: failed completion attempts since the start or the last reverse.
+    pub attempts: u32,
+    /// The objects whose pre_patch callback was requested, in order (L2.3).
+    pub pre_patch: Vec<ObjectId>,
+}
+
+/// C1: one thread's state and its PENDING flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadInfo {
+    pub state: PatchState,
+    pub pending: bool,
+}
+
+/// An installed entry: what the controller was last told to write at `old`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub old: Range,
+    pub target: EntryTarget,
+}
+
+/// The whole livepatch state of one target. It performs nothing: every operation returns the [`Action`]s
+/// the controller must carry out, in order, and the [`Event`]s to log. It round-trips through serde so that
+/// a stateless controller can keep it in the target's registry (DESIGN §4.8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    #[serde(deserialize_with = "check_format")]
+    format_version: u32,
+    /// C5.4: frame limit; deeper stacks are unreliable.
+    max_depth: usize,
+    /// D12 `klp_patches`: the active patches in order; the position is the stack order (S1, K2).
+    patches: Vec<Patch>,
+    /// D9: one stack per patched original function.
+    stacks: Vec<FuncStack>,
+    /// D12: at most one transition.
+    transition: Option<Transition>,
+    /// C1: every thread of the target.
+    #[serde(with = "map_as_seq")]
+    threads: BTreeMap<Tid, ThreadInfo>,
+    /// What every entry currently leads to (as last told to the controller).
+    #[serde(with = "map_as_seq")]
+    entries: BTreeMap<FuncId, Entry>,
+    /// DESIGN §4.5: generated code (dispatchers, relocated prologues) that counts as the function.
+    #[serde(with = "map_as_seq")]
+    stubs: BTreeMap<FuncId, Vec<Range>>,
+    /// DESIGN §4.2: the state new threads start in.
+    tls_image: PatchState,
+}
+
+fn check_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if v != FORMAT_VERSION {
+        return Err(serde::de::Error::custom(Error::UnsupportedFormat {
+            found: v,
+            supported: FORMAT_VERSION,
+        }));
+    }
+    Ok(v)
+}
+
+/// Maps serialize as sequences of pairs, so that formats with string-only keys (JSON) can hold them.
+mod map_as_seq {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
+        m: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model::new()
+    }
+}
+
+impl Model {
+    /// An empty target: no patches, no threads.
+    pub fn new() -> Self {
+        Model {
+            format_version: FORMAT_VERSION,
+            max_depth: DEFAULT_MAX_DEPTH,
+            patches: vec![],
+            stacks: vec![],
+            transition: None,
+            threads: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            stubs: BTreeMap::new(),
+            tls_image: PatchState::Idle,
+        }
+    }
+
+    /// C5.4 / U2: change the frame limit (default 100).
+    pub fn set_max_depth(&mut self, max_depth: usize) {
+        self.max_depth = max_depth;
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // Queries
+    // ------------------------------------------------------------------------------------------------------
+
+    pub fn format_version(&self) -> u32 {
+        self.format_version
+    }
+
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
+    }
+
+    /// D12 `klp_patches`, in stack order.
+    pub fn patches(&self) -> &[Patch] {
+        &self.patches
+    }
+
+    pub fn patch(&self, name: &str) -> Option<&Patch> {
+        self.patches.iter().find(|p| p.name == name)
+    }
+
+    /// S1/K2 `stack_order` [6.14]: 1-based position of the patch in the active list.
+    pub fn stack_order(&self, name: &str) -> Option<usize> {
+        self.patches.iter().position(|p| p.name == name).map(|i| i + 1)
+    }
+
+    pub fn transition(&self) -> Option<&Transition> {
+        self.transition.as_ref()
+    }
+
+    /// S1 `transition`: is this the transition patch?
+    pub fn in_transition(&self, name: &str) -> bool {
+        self.transition.as_ref().is_some_and(|t| t.patch == name)
+    }
+
+    pub fn threads(&self) -> &BTreeMap<Tid, ThreadInfo> {
+        &self.threads
+    }
+
+    pub fn thread(&self, tid: Tid) -> Option<ThreadInfo> {
+        self.threads.get(&tid).copied()
+    }
+
+    /// C1: the threads that still have to switch.
+    pub fn pending(&self) -> Vec<Tid> {
+        self.threads
+            .iter()
+            .filter(|(_, t)| t.pending)
+            .map(|(tid, _)| *tid)
+            .collect()
+    }
+
+    /// D9: every func stack.
+    pub fn func_stacks(&self) -> &[FuncStack] {
+        &self.stacks
+    }
+
+    pub fn func_stack(&self, func: &FuncId) -> Option<&FuncStack> {
+        self.stacks.iter().find(|s| s.func == *func)
+    }
+
+    /// What each entry leads to, as last told to the controller through [`Action::SetEntry`].
+    pub fn entries(&self) -> &BTreeMap<FuncId, Entry> {
+        &self.entries
+    }
+
+    /// The state the TLS init image holds (DESIGN §4.2).
+    pub fn tls_image(&self) -> PatchState {
+        self.tls_image
+    }
+
+    /// The stub ranges registered for a function.
+    pub fn stubs(&self, func: &FuncId) -> &[Range] {
+        self.stubs.get(func).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// ST1 `klp_get_state(patch, id)`.
+    pub fn get_state(&self, patch: &str, id: u64) -> Option<StateSpec> {
+        self.patch(patch)?.state(id)
+    }
+
+    /// ST2 `klp_get_prev_state(id)`: only during a transition; the state from the latest patch listed before
+    /// the transition patch that has it.
+    pub fn get_prev_state(&self, id: u64) -> Option<StateSpec> {
+        let t = self.transition.as_ref()?;
+        self.patches
+            .iter()
+            .take_while(|p| p.name != t.patch)
+            .filter_map(|p| p.state(id))
+            .last()
+    }
+
+    /// H3/H4 as a pure function: the code a call of `func` runs in a thread whose TLS slot holds `state`.
+    ///
+    /// The head of the func stack decides. If its `transition` flag is set, UNPATCHED takes the entry below
+    /// the head (or the original), PATCHED the head, and IDLE the transition's starting world (DESIGN §4.4).
+    /// A nop runs the original.
+    pub fn dispatch(&self, func: &FuncId, state: PatchState) -> Code {
+        let Some(stack) = self.func_stack(func) else {
+            return Code::Original;
+        };
+        let Some(top) = stack.entries.last() else {
+            return Code::Original;
+        };
+        let top_code = self.code_of(top, func);
+        let transition = self
+            .patch(top)
+            .and_then(|p| p.func(func))
+            .is_some_and(|f| f.transition);
+        if !transition {
+            return top_code;
+        }
+        let state = match state {
+            PatchState::Idle => self
+                .transition
+                .as_ref()
+                .map_or(PatchState::Patched, |t| t.initial),
+            s => s,
+        };
+        match state {
+            PatchState::Unpatched => self.below_code(stack, stack.entries.len() - 1),
+            _ => top_code,
+        }
+    }
+
+    fn code_of(&self, patch: &str, func: &FuncId) -> Code {
+        match self.patch(patch).and_then(|p| p.func(func)) {
+            Some(Func {
+                nop: false,
+                new: Some(range),
+                ..
+            }) => Code::New {
+                patch: patch.to_owned(),
+                range: *range,
+            },
+            _ => Code::Original,
+        }
+    }
+
+    fn below_code(&self, stack: &FuncStack, pos: usize) -> Code {
+        if pos == 0 {
+            Code::Original
+        } else {
+            self.code_of(&stack.entries[pos - 1], &stack.func)
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // L1: validation
+    // ------------------------------------------------------------------------------------------------------
+
+    /// L1 checks without any change: structure (D4/D5/D6), name, state compatibility (ST3), busy (L1.10),
+    /// aliases (D9) and the conflict policy (K5). The code ranges of funcs are not needed for the
+    /// conflict checks, so the controller can call this before it loads the patch library.
+    pub fn check_enable(&self, spec: &PatchSpec) -> Result<(), Error> {
+        validate(spec)?;
+        if self.patch(&spec.name).is_some() {
+            return Err(Error::AlreadyExists {
+                patch: spec.name.clone(),
+            });
+        }
+        self.check_states(spec)?;
+        if let Some(t) = &self.transition {
+            return Err(Error::Busy {
+                patch: spec.name.clone(),
+                op: "be enabled".to_owned(),
+                transition_patch: t.patch.clone(),
+            });
+        }
+        for o in spec.objects.iter().filter(|o| o.loaded) {
+            for f in &o.funcs {
+                let id = FuncId::new(o.id.clone(), &f.name, f.sympos);
+                let Some(old) = f.old else { continue };
+                if let Some(st) = self
+                    .stacks
+                    .iter()
+                    .find(|s| s.func.object == o.id && s.old.start == old.start && s.func != id)
+                {
+                    return Err(Error::AliasedEntry {
+                        patch: spec.name.clone(),
+                        function: Box::new(id),
+                        other: Box::new(st.func.clone()),
+                        owner: st.entries.last().cloned().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        // K5: the seed's refusal (K3b) unless the patch is a replace patch or opts in to stacking.
+        if !spec.replace && !spec.stacking {
+            for o in &spec.objects {
+                for f in &o.funcs {
+                    let id = FuncId::new(o.id.clone(), &f.name, f.sympos);
+                    if let Some(owner) = self.patches.iter().find(|p| p.func(&id).is_some_and(|f| !f.nop)) {
+                        return Err(Error::Conflict {
+                            patch: spec.name.clone(),
+                            function: Box::new(id),
+                            owner: owner.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ST3 `klp_is_patch_compatible`.
+    fn check_states(&self, spec: &PatchSpec) -> Result<(), Error> {
+        for p in &self.patches {
+            for s in &p.states {
+                let problem = match spec.states.iter().find(|n| n.id == s.id) {
+                    None if spec.replace => Some(StateProblem::Missing),
+                    None => None,
+                    Some(n) if n.version < s.version => Some(StateProblem::Downgrade {
+                        installed: s.version,
+                        new: n.version,
+                    }),
+                    Some(_) => None,
+                };
+                if let Some(problem) = problem {
+                    return Err(Error::IncompatibleState {
+                        patch: spec.name.clone(),
+                        owner: p.name.clone(),
+                        state_id: s.id,
+                        problem,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // L2: enable
+    // ------------------------------------------------------------------------------------------------------
+
+    /// L1 + L2 steps 1–3a (`klp_enable_patch` up to the pre_patch callbacks): check, list the patch, add nops
+    /// for a replace patch (R2), init the patching transition (C2: every thread UNPATCHED, funcs in
+    /// transition) and request the pre_patch callback of every loaded object, in order.
+    ///
+    /// Nothing is changed on error. Then run the requested callbacks in order, stop at the first failure,
+    /// and pass their results to [`Model::start`].
+    pub fn enable(&mut self, spec: PatchSpec) -> Result<Output, Error> {
+        self.check_enable(&spec)?;
+        let mut out = Output::default();
+        out.event(Event::EnablingPatch {
+            patch: spec.name.clone(),
+        });
+        let mut patch = Patch {
+            name: spec.name.clone(),
+            replace: spec.replace,
+            stacking: spec.stacking,
+            enabled: false,
+            forced: false,
+            states: spec.states.clone(),
+            objects: spec
+                .objects
+                .iter()
+                .map(|o| Object {
+                    id: o.id.clone(),
+                    loaded: o.loaded,
+                    dynamic: false,
+                    patched: false,
+                    callbacks: o.callbacks,
+                    post_unpatch_enabled: false,
+                    funcs: o
+                        .funcs
+                        .iter()
+                        .map(|f| Func {
+                            id: FuncId::new(o.id.clone(), &f.name, f.sympos),
+                            old: f.old,
+                            new: f.new,
+                            nop: false,
+                            patched: false,
+                            transition: false,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        if patch.replace {
+            self.add_nops(&mut patch);
+        }
+        let name = patch.name.clone();
+        self.patches.push(patch);
+        self.transition = Some(Transition {
+            patch: name.clone(),
+            target: PatchState::Patched,
+            initial: PatchState::Unpatched,
+            phase: Phase::Init,
+            attempts: 0,
+            pre_patch: vec![],
+        });
+        self.init_transition(&mut out);
+        // L2.3 / CB3: pre_patch for each loaded object, in array order, before its funcs are pushed.
+        let mut requested = vec![];
+        let pi = self.patches.len() - 1;
+        for o in self.patches[pi]
+            .objects
+            .iter_mut()
+            .filter(|o| o.loaded && !o.dynamic)
+        {
+            if o.callbacks.pre_patch {
+                out.action(Action::RunCallback {
+                    patch: name.clone(),
+                    object: o.id.clone(),
+                    kind: CallbackKind::PrePatch,
+                });
+                requested.push(o.id.clone());
+            } else {
+                // CB2: an absent pre_patch counts as success.
+                o.post_unpatch_enabled = true;
+            }
+        }
+        self.trans_mut().pre_patch = requested;
+        Ok(out)
+    }
+
+    /// L2 steps 3b–6: take the results of the pre_patch callbacks requested by [`Model::enable`] (one per
+    /// callback run, in order, ending at the first non-zero one), push the funcs onto their stacks, install
+    /// the dispatchers and start the transition (C3).
+    ///
+    /// A non-zero result cancels the enable (L2.4, L7, CB5): the output then unpatches what was done, runs
+    /// post_unpatch only where pre_patch succeeded, drops the patch, and carries
+    /// [`Error::PrePatchFailed`] in `error`, for the loader.
+    pub fn start(&mut self, pre_patch_results: &[i32]) -> Result<Output, Error> {
+        let t = self.transition.as_ref().ok_or(Error::NoTransition {
+            op: "start".to_owned(),
+        })?;
+        if t.phase != Phase::Init {
+            return Err(Error::WrongPhase {
+                op: "start".to_owned(),
+                patch: t.patch.clone(),
+                phase: phase_name(true, t.target),
+                hint: "it has already started; switch threads and complete it".to_owned(),
+            });
+        }
+        let expected = t.pre_patch.clone();
+        let failed = pre_patch_results.iter().position(|r| *r != 0);
+        let ok_len = match failed {
+            Some(i) => pre_patch_results.len() == i + 1,
+            None => pre_patch_results.len() == expected.len(),
+        };
+        if !ok_len || pre_patch_results.len() > expected.len() {
+            return Err(Error::BadCallbackResults {
+                patch: t.patch.clone(),
+                expected: expected.len(),
+                got: pre_patch_results.len(),
+            });
+        }
+        let name = t.patch.clone();
+        let pi = self.trans_idx();
+        let mut out = Output::default();
+        for (obj, ret) in expected.iter().zip(pre_patch_results) {
+            if *ret == 0
+                && let Some(o) = self.patches[pi].object_mut(obj)
+            {
+                o.post_unpatch_enabled = true;
+            }
+        }
+        if let Some(i) = failed {
+            let object = expected[i].clone();
+            out.event(Event::PrePatchFailed {
+                patch: name.clone(),
+                object: object.clone(),
+            });
+            out.event(Event::FailedToEnable { patch: name.clone() });
+            // L7: cancel. Every thread is still UNPATCHED, so complete right away.
+            self.trans_mut().target = PatchState::Unpatched;
+            out.event(Event::CancelingTransition { patch: name.clone() });
+            self.complete_transition(&mut out);
+            out.error = Some(Error::PrePatchFailed {
+                patch: name,
+                object,
+                code: pre_patch_results[i],
+            });
+            return Ok(out);
+        }
+        self.push_patch(pi);
+        self.sync_entries(&mut out);
+        self.start_transition(&mut out);
+        self.patches[pi].enabled = true;
+        Ok(out)
+    }
+
+    /// R2: a nop for every func of every active patch that the replace patch does not replace itself, in the
+    /// same object (or a dynamic one).
+    fn add_nops(&self, new: &mut Patch) {
+        for old in &self.patches {
+            for oo in &old.objects {
+                for of in &oo.funcs {
+                    if new.func(&of.id).is_some() {
+                        continue;
+                    }
+                    let nop = Func {
+                        id: of.id.clone(),
+                        old: of.old,
+                        new: None,
+                        nop: true,
+                        patched: false,
+                        transition: false,
+                    };
+                    match new.object_mut(&oo.id) {
+                        Some(o) => o.funcs.push(nop),
+                        None => new.objects.push(Object {
+                            id: oo.id.clone(),
+                            loaded: oo.loaded,
+                            dynamic: true,
+                            patched: false,
+                            callbacks: CallbackSet::NONE,
+                            post_unpatch_enabled: false,
+                            funcs: vec![nop],
+                        }),
+                    }
+                }
+            }
+        }
+    }
+
+    /// C2: every thread gets the opposite of the target, then the funcs get `transition = 1`.
+    fn init_transition(&mut self, out: &mut Output) {
+        let t = self.trans_mut();
+        let (name, initial) = (t.patch.clone(), t.initial);
+        let target = t.target;
+        out.event(Event::InitializingTransition { patch: name, target });
+        for (tid, th) in self.threads.iter_mut() {
+            th.state = initial;
+            th.pending = false;
+            out.action(Action::WriteThreadState {
+                tid: *tid,
+                state: initial,
+            });
+        }
+        let pi = self.trans_idx();
+        for o in &mut self.patches[pi].objects {
+            for f in &mut o.funcs {
+                f.transition = true;
+            }
+        }
+    }
+
+    /// C3 (also the last step of L6/C9): threads created from now on start in the target state; every thread
+    /// not at the target becomes PENDING; the C8 counter restarts.
+    fn start_transition(&mut self, out: &mut Output) {
+        let t = self.trans_mut();
+        t.phase = Phase::Started;
+        t.attempts = 0;
+        let (name, target) = (t.patch.clone(), t.target);
+        out.event(Event::StartingTransition { patch: name, target });
+        self.set_tls_image(target, out);
+        for th in self.threads.values_mut() {
+            th.pending = th.state != target;
+        }
+    }
+
+    fn set_tls_image(&mut self, state: PatchState, out: &mut Output) {
+        if self.tls_image != state {
+            self.tls_image = state;
+            out.action(Action::WriteTlsInitImage { state });
+        }
+    }
+
+    /// L2.3 `klp_patch_object`: push the funcs of every loaded object (D9); the object becomes `patched`.
+    fn push_patch(&mut self, pi: usize) {
+        let name = self.patches[pi].name.clone();
+        for o in self.patches[pi].objects.iter_mut().filter(|o| o.loaded) {
+            o.patched = true;
+            for f in &mut o.funcs {
+                let Some(old) = f.old else { continue };
+                f.patched = true;
+                match self.stacks.iter_mut().find(|s| s.func == f.id) {
+                    Some(s) => s.entries.push(name.clone()),
+                    None => self.stacks.push(FuncStack {
+                        func: f.id.clone(),
+                        old,
+                        entries: vec![name.clone()],
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Unlink every func of patch `pi` from its stack, wherever it sits (K2); empty stacks go away.
+    fn unlink_patch(&mut self, pi: usize, only_nops: bool) {
+        let name = self.patches[pi].name.clone();
+        let patch = &mut self.patches[pi];
+        for o in &mut patch.objects {
+            for f in o.funcs.iter_mut().filter(|f| !only_nops || f.nop) {
+                if let Some(s) = self.stacks.iter_mut().find(|s| s.func == f.id) {
+                    s.entries.retain(|e| *e != name);
+                }
+                f.patched = false;
+            }
+            if !only_nops {
+                o.patched = false;
+            }
+        }
+        self.stacks.retain(|s| !s.entries.is_empty());
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // L4: disable; L6: reverse; C11: force
+    // ------------------------------------------------------------------------------------------------------
+
+    /// S1 "write 0 to `enabled`": for the transition patch of a patching transition, reverse it (L6);
+    /// otherwise disable the patch (L4): init the unpatching transition (every thread PATCHED, funcs in
+    /// transition, dispatchers installed), run pre_unpatch for the patched objects, and start.
+    pub fn disable(&mut self, name: &str) -> Result<Output, Error> {
+        let pi = self.idx(name)?;
+        if let Some(t) = &self.transition {
+            if t.patch == name {
+                return match (t.phase, t.target) {
+                    (Phase::Started, PatchState::Patched) => self.reverse(),
+                    (Phase::Started, _) => Err(Error::SameValue {
+                        patch: name.to_owned(),
+                        enabled: false,
+                    }),
+                    (Phase::Init, target) => Err(Error::WrongPhase {
+                        op: format!("disable '{name}'"),
+                        patch: name.to_owned(),
+                        phase: phase_name(false, target),
+                        hint: "report the pre_patch results (start) first".to_owned(),
+                    }),
+                };
+            }
+            return Err(Error::Busy {
+                patch: name.to_owned(),
+                op: "be disabled".to_owned(),
+                transition_patch: t.patch.clone(),
+            });
+        }
+        let mut out = Output::default();
+        self.transition = Some(Transition {
+            patch: name.to_owned(),
+            target: PatchState::Unpatched,
+            initial: PatchState::Patched,
+            phase: Phase::Init,
+            attempts: 0,
+            pre_patch: vec![],
+        });
+        self.init_transition(&mut out);
+        self.sync_entries(&mut out);
+        // L4.3 / CB4: pre_unpatch for each patched object.
+        for o in self.patches[pi]
+            .objects
+            .iter()
+            .filter(|o| o.patched && o.callbacks.pre_unpatch)
+        {
+            out.action(Action::RunCallback {
+                patch: name.to_owned(),
+                object: o.id.clone(),
+                kind: CallbackKind::PreUnpatch,
+            });
+        }
+        self.start_transition(&mut out);
+        self.patches[pi].enabled = false;
+        Ok(out)
+    }
+
+    /// L6 / C9: reverse the running transition. PENDING is cleared, `enabled` and the target flip, and the
+    /// transition restarts: threads already in the new target are done, the others need a stack check.
+    /// Func stacks and `transition` flags stay as they are.
+    pub fn reverse(&mut self) -> Result<Output, Error> {
+        let t = self.transition.as_ref().ok_or(Error::NoTransition {
+            op: "reverse".to_owned(),
+        })?;
+        if t.phase != Phase::Started {
+            return Err(Error::WrongPhase {
+                op: "reverse".to_owned(),
+                patch: t.patch.clone(),
+                phase: phase_name(false, t.target),
+                hint: "report the pre_patch results (start) first; a failure there cancels by itself"
+                    .to_owned(),
+            });
+        }
+        let mut out = Output::default();
+        out.event(Event::ReversingTransition {
+            patch: t.patch.clone(),
+            from: t.target,
+        });
+        for th in self.threads.values_mut() {
+            th.pending = false;
+        }
+        let pi = self.trans_idx();
+        self.patches[pi].enabled = !self.patches[pi].enabled;
+        let t = self.trans_mut();
+        t.target = t.target.opposite();
+        self.start_transition(&mut out);
+        Ok(out)
+    }
+
+    /// C11: every pending thread takes the target without a stack check; the patches being removed are
+    /// marked forced (never unloaded, U9). The transition completes on the next [`Model::try_complete`].
+    pub fn force(&mut self) -> Result<Output, Error> {
+        let t = self.transition.as_ref().ok_or(Error::NoTransition {
+            op: "force".to_owned(),
+        })?;
+        if t.phase != Phase::Started {
+            return Err(Error::WrongPhase {
+                op: "force".to_owned(),
+                patch: t.patch.clone(),
+                phase: phase_name(false, t.target),
+                hint: "report the pre_patch results (start) first".to_owned(),
+            });
+        }
+        let target = t.target;
+        let mut out = Output::default();
+        out.event(Event::ForcingRemainingTasks);
+        for (tid, th) in self.threads.iter_mut().filter(|(_, th)| th.pending) {
+            th.state = target;
+            th.pending = false;
+            out.action(Action::WriteThreadState {
+                tid: *tid,
+                state: target,
+            });
+        }
+        let pi = self.trans_idx();
+        if target == PatchState::Unpatched {
+            self.patches[pi].forced = true;
+        } else if self.patches[pi].replace {
+            for (i, p) in self.patches.iter_mut().enumerate() {
+                if i != pi {
+                    p.forced = true;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // C4/C5: switching threads and completing
+    // ------------------------------------------------------------------------------------------------------
+
+    /// C5 `klp_try_switch_task` for a stopped thread whose stack the controller unwound.
+    ///
+    /// The thread switches only if the stack is reliable, no deeper than the limit, and no frame lies in a
+    /// forbidden range (C5a) of a func of the transition patch whose object is patched. Forbidden, with
+    /// target UNPATCHED: the func's own new code (the original for a nop). With target PATCHED: the code that
+    /// ran before the func was pushed: the entry directly below it, or the original. The stub ranges
+    /// registered for the function count too (DESIGN §4.5). Frame 0 is the live PC; the others are return
+    /// addresses and are matched by the byte before them ([`Range::contains_return_address`]).
+    pub fn try_switch(&mut self, tid: Tid, stack: &ThreadStack) -> Result<SwitchOutcome, Error> {
+        let t = self.transition.as_ref().ok_or(Error::NoTransition {
+            op: format!("switch thread {tid}"),
+        })?;
+        if t.phase != Phase::Started {
+            return Err(Error::WrongPhase {
+                op: format!("switch thread {tid}"),
+                patch: t.patch.clone(),
+                phase: phase_name(false, t.target),
+                hint: "report the pre_patch results (start) first".to_owned(),
+            });
+        }
+        let target = t.target;
+        let th = self.threads.get(&tid).ok_or(Error::ThreadNotFound { tid })?;
+        if !th.pending {
+            return Ok(SwitchOutcome::AlreadyAtTarget);
+        }
+        if !stack.reliable {
+            return Ok(SwitchOutcome::Unreliable(Unreliable::NotReliable));
+        }
+        if stack.pcs.is_empty() {
+            return Ok(SwitchOutcome::Unreliable(Unreliable::Empty));
+        }
+        if stack.pcs.len() > self.max_depth {
+            return Ok(SwitchOutcome::Unreliable(Unreliable::TooDeep {
+                depth: stack.pcs.len(),
+                max: self.max_depth,
+            }));
+        }
+        let forbidden = self.forbidden_ranges();
+        for (frame, &pc) in stack.pcs.iter().enumerate() {
+            for (func, range, code) in &forbidden {
+                let hit = if frame == 0 {
+                    range.contains_pc(pc)
+                } else {
+                    range.contains_return_address(pc)
+                };
+                if hit {
+                    return Ok(SwitchOutcome::Blocked {
+                        function: func.clone(),
+                        frame,
+                        address: pc,
+                        code: code.clone(),
+                    });
+                }
+            }
+        }
+        let th = self.threads.get_mut(&tid).expect("checked above");
+        th.state = target;
+        th.pending = false;
+        Ok(SwitchOutcome::Switched(Action::WriteThreadState {
+            tid,
+            state: target,
+        }))
+    }
+
+    /// C5a: every forbidden range of the running transition, with the function it counts as and whose code
+    /// it is. Empty when no transition runs.
+    pub fn forbidden_ranges(&self) -> Vec<(FuncId, Range, Code)> {
+        let mut v = vec![];
+        let Some(t) = &self.transition else { return v };
+        let Some(p) = self.patch(&t.patch) else { return v };
+        for (o, f) in p.funcs() {
+            if !o.patched || !f.patched {
+                continue;
+            }
+            let primary = match t.target {
+                PatchState::Unpatched => match (f.nop, f.new) {
+                    (false, Some(new)) => Some((
+                        new,
+                        Code::New {
+                            patch: p.name.clone(),
+                            range: new,
+                        },
+                    )),
+                    _ => f.old.map(|old| (old, Code::Original)),
+                },
+                _ => self.func_stack(&f.id).and_then(|s| {
+                    let pos = s.entries.iter().position(|e| *e == p.name)?;
+                    match self.below_code(s, pos) {
+                        Code::New { patch, range } => Some((range, Code::New { patch, range })),
+                        Code::Original => Some((s.old, Code::Original)),
+                    }
+                }),
+            };
+            let Some((range, code)) = primary else { continue };
+            v.push((f.id.clone(), range, code.clone()));
+            for stub in self.stubs(&f.id) {
+                v.push((f.id.clone(), *stub, code.clone()));
+            }
+        }
+        v
+    }
+
+    /// C4 `klp_try_complete_transition`, after the controller tried to switch the pending threads: if none is
+    /// pending, complete (L3 or L4). Otherwise count the attempt and, every 15th time (C8), ask the
+    /// controller to signal the remaining threads. Check [`Model::transition`] afterwards: `None` means done.
+    pub fn try_complete(&mut self) -> Result<Output, Error> {
+        let t = self.transition.as_ref().ok_or(Error::NoTransition {
+            op: "complete".to_owned(),
+        })?;
+        if t.phase != Phase::Started {
+            return Err(Error::WrongPhase {
+                op: "complete".to_owned(),
+                patch: t.patch.clone(),
+                phase: phase_name(false, t.target),
+                hint: "report the pre_patch results (start) first".to_owned(),
+            });
+        }
+        let mut out = Output::default();
+        let pending = self.pending();
+        if !pending.is_empty() {
+            let t = self.trans_mut();
+            if t.attempts != 0 && t.attempts.is_multiple_of(SIGNAL_EVERY) {
+                if t.attempts == SIGNAL_EVERY {
+                    out.event(Event::SignalingRemainingTasks);
+                }
+                out.action(Action::SignalThreads { tids: pending });
+            }
+            t.attempts += 1;
+            return Ok(out);
+        }
+        self.complete_transition(&mut out);
+        Ok(out)
+    }
+
+    /// L3 (target PATCHED) / L4 completion (target UNPATCHED), R4 for a replace patch.
+    fn complete_transition(&mut self, out: &mut Output) {
+        let t = self
+            .transition
+            .clone()
+            .expect("complete_transition needs a transition");
+        let pi = self.trans_idx();
+        out.event(Event::CompletingTransition {
+            patch: t.patch.clone(),
+            target: t.target,
+        });
+        let mut replaced = vec![];
+        if t.target == PatchState::Patched && self.patches[pi].replace {
+            // R4.1: every other patch is unpatched, with no callbacks.
+            for i in 0..self.patches.len() {
+                if i != pi {
+                    self.patches[i].enabled = false;
+                    self.unlink_patch(i, false);
+                    replaced.push(self.patches[i].name.clone());
+                }
+            }
+            // R4.2: discard the nops and the dynamic objects.
+            self.unlink_patch(pi, true);
+            for o in &mut self.patches[pi].objects {
+                o.funcs.retain(|f| !f.nop);
+            }
+            self.patches[pi].objects.retain(|o| !o.dynamic);
+        }
+        if t.target == PatchState::Unpatched {
+            self.unlink_patch(pi, false);
+        }
+        for o in &mut self.patches[pi].objects {
+            for f in &mut o.funcs {
+                f.transition = false;
+            }
+        }
+        // Entries become direct jumps or the original bytes before the threads go IDLE (H3: without
+        // `transition` the state is not read).
+        self.sync_entries(out);
+        for (tid, th) in self.threads.iter_mut() {
+            th.state = PatchState::Idle;
+            th.pending = false;
+            out.action(Action::WriteThreadState {
+                tid: *tid,
+                state: PatchState::Idle,
+            });
+        }
+        self.set_tls_image(PatchState::Idle, out);
+        // L3.6 / L4 / CB2: post callbacks for loaded objects.
+        let name = t.patch.clone();
+        for o in self.patches[pi]
+            .objects
+            .iter_mut()
+            .filter(|o| o.loaded && !o.dynamic)
+        {
+            let run = match t.target {
+                PatchState::Patched => o.callbacks.post_patch.then_some(CallbackKind::PostPatch),
+                _ => {
+                    let enabled = std::mem::replace(&mut o.post_unpatch_enabled, false);
+                    (enabled && o.callbacks.post_unpatch).then_some(CallbackKind::PostUnpatch)
+                }
+            };
+            if let Some(kind) = run {
+                out.action(Action::RunCallback {
+                    patch: name.clone(),
+                    object: o.id.clone(),
+                    kind,
+                });
+            }
+        }
+        out.event(Event::TransitionComplete {
+            patch: name.clone(),
+            target: t.target,
+        });
+        self.transition = None;
+        // L4.5 / L3.9 / R4.4: free; a forced patch is forgotten but never unloaded (C11, U9).
+        let gone: Vec<String> = if t.target == PatchState::Unpatched {
+            vec![name]
+        } else {
+            replaced
+        };
+        for g in gone {
+            if let Some(i) = self.patches.iter().position(|p| p.name == g) {
+                let p = self.patches.remove(i);
+                out.action(Action::DropPatch {
+                    patch: p.name,
+                    unload: !p.forced,
+                });
+            }
+        }
+    }
+
+    /// Compare what every entry should lead to with what was installed, and emit the differences.
+    fn sync_entries(&mut self, out: &mut Output) {
+        let mut desired = BTreeMap::new();
+        for s in &self.stacks {
+            let Some(top) = s.entries.last() else { continue };
+            let top_code = self.code_of(top, &s.func);
+            let transition = self
+                .patch(top)
+                .and_then(|p| p.func(&s.func))
+                .is_some_and(|f| f.transition);
+            let target = if transition {
+                let below = self.below_code(s, s.entries.len() - 1);
+                let initial = self
+                    .transition
+                    .as_ref()
+                    .map_or(PatchState::Patched, |t| t.initial);
+                let idle = if initial == PatchState::Patched {
+                    top_code.clone()
+                } else {
+                    below.clone()
+                };
+                EntryTarget::Dispatch {
+                    patched: top_code,
+                    unpatched: below,
+                    idle,
+                }
+            } else {
+                match top_code {
+                    Code::New { patch, range } => EntryTarget::Direct { patch, range },
+                    Code::Original => continue,
+                }
+            };
+            desired.insert(s.func.clone(), Entry { old: s.old, target });
+        }
+        for (f, e) in &desired {
+            if self.entries.get(f) != Some(e) {
+                out.action(Action::SetEntry {
+                    func: f.clone(),
+                    old: e.old,
+                    target: e.target.clone(),
+                });
+            }
+        }
+        for (f, e) in &self.entries {
+            if !desired.contains_key(f) {
+                out.action(Action::SetEntry {
+                    func: f.clone(),
+                    old: e.old,
+                    target: EntryTarget::Original,
+                });
+            }
+        }
+        self.entries = desired;
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // Threads and stubs
+    // ------------------------------------------------------------------------------------------------------
+
+    /// A thread created from the current TLS init image (C10 analogue, DESIGN §4.2): after the start it is in
+    /// the target state (its stack is fresh), otherwise in the state an IDLE slot dispatches to.
+    pub fn add_thread(&mut self, tid: Tid) -> Result<(), Error> {
+        self.adopt_thread(tid, self.tls_image)
+    }
+
+    /// A thread the controller found with `observed` in its TLS slot. IDLE during a transition counts as the
+    /// transition's initial state, which is what the dispatchers give it (DESIGN §4.4). The thread is
+    /// PENDING if that is not the target.
+    pub fn adopt_thread(&mut self, tid: Tid, observed: PatchState) -> Result<(), Error> {
+        if self.threads.contains_key(&tid) {
+            return Err(Error::ThreadExists { tid });
+        }
+        let info = match &self.transition {
+            None => ThreadInfo {
+                state: PatchState::Idle,
+                pending: false,
+            },
+            Some(t) => {
+                let state = if observed == PatchState::Idle {
+                    t.initial
+                } else {
+                    observed
+                };
+                ThreadInfo {
+                    state,
+                    pending: t.phase == Phase::Started && state != t.target,
+                }
+            }
+        };
+        self.threads.insert(tid, info);
+        Ok(())
+    }
+
+    /// A thread exited.
+    pub fn remove_thread(&mut self, tid: Tid) -> Result<(), Error> {
+        self.threads
+            .remove(&tid)
+            .map(|_| ())
+            .ok_or(Error::ThreadNotFound { tid })
+    }
+
+    /// DESIGN §4.5: `range` holds generated code for `func` (a dispatcher or a relocated prologue); a frame
+    /// there counts as the function being active.
+    pub fn register_stub(&mut self, func: &FuncId, range: Range) -> Result<(), Error> {
+        if range.is_empty() {
+            return Err(Error::EmptyStub {
+                function: Box::new(func.clone()),
+                start: range.start,
+                end: range.end,
+            });
+        }
+        let v = self.stubs.entry(func.clone()).or_default();
+        if !v.contains(&range) {
+            v.push(range);
+        }
+        Ok(())
+    }
+
+    /// Forget the stub ranges of `func` (after the controller retired them).
+    pub fn unregister_stubs(&mut self, func: &FuncId) {
+        self.stubs.remove(func);
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+
+    fn idx(&self, name: &str) -> Result<usize, Error> {
+        self.patches
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or(Error::PatchNotFound {
+                patch: name.to_owned(),
+            })
+    }
+
+    fn trans_idx(&self) -> usize {
+        let t = self.transition.as_ref().expect("a transition is running");
+        self.patches
+            .iter()
+            .position(|p| p.name == t.patch)
+            .expect("the transition patch is listed")
+    }
+
+    fn trans_mut(&mut self) -> &mut Transition {
+        self.transition.as_mut().expect("a transition is running")
+    }
+}
+
+/// D4/D5/D6 structural checks of a patch (EINVAL / EEXIST).
+fn validate(spec: &PatchSpec) -> Result<(), Error> {
+    let invalid = |reason: String| Error::InvalidPatch {
+        patch: spec.name.clone(),
+        reason,
+    };
+    if spec.name.is_empty() || spec.name.chars().any(|c| c.is_control() || c == '/') {
+        return Err(invalid(format!(
+            "the name {:?} is empty or contains '/' or control characters",
+            spec.name
+        )));
+    }
+    if spec.objects.is_empty() {
+        return Err(invalid("it names no object (L1.1)".to_owned()));
+    }
+    for (i, o) in spec.objects.iter().enumerate() {
+        if o.id.key() == crate::ids::ObjectKey::Anonymous {
+            return Err(invalid(format!("object #{i} has no build-id, soname or path")));
+        }
+        if spec.objects[..i].iter().any(|p| p.id == o.id) {
+            return Err(invalid(format!("object '{}' is listed twice", o.id)));
+        }
+        for (j, f) in o.funcs.iter().enumerate() {
+            let id = FuncId::new(o.id.clone(), &f.name, f.sympos);
+            if f.name.is_empty() || f.name.len() >= MAX_FUNC_NAME {
+                return Err(invalid(format!(
+                    "function #{j} of object '{}' has an empty name or one of {MAX_FUNC_NAME} bytes or more (D5)",
+                    o.id
+                )));
+            }
+            if o.funcs[..j]
+                .iter()
+                .any(|g| FuncId::new(o.id.clone(), &g.name, g.sympos) == id)
+            {
+                return Err(Error::DuplicateFunc {
+                    patch: spec.name.clone(),
+                    function: Box::new(id),
+                });
+            }
+            if o.loaded {
+                let (Some(old), Some(new)) = (f.old, f.new) else {
+                    return Err(Error::UnresolvedFunc {
+                        patch: spec.name.clone(),
+                        function: Box::new(id),
+                    });
+                };
+                if old.is_empty() || new.is_empty() {
+                    return Err(invalid(format!(
+                        "function '{}' in object '{}' has an empty code range (old {old}, new {new}); a missing \
+                         symbol size is ENOENT (D5)",
+                        f.name, o.id
+                    )));
+                }
+                if let Some(g) = o.funcs[..j]
+                    .iter()
+                    .find(|g| g.old.is_some_and(|r| r.start == old.start))
+                {
+                    return Err(invalid(format!(
+                        "functions '{}' and '{}' in object '{}' are the same code at {:#x}; patch one name",
+                        g.name, f.name, o.id, old.start
+                    )));
+                }
+            }
+        }
+    }
+    for (i, s) in spec.states.iter().enumerate() {
+        if s.id == 0 {
+            return Err(invalid(
+                "a state has id 0, which ends the state array (D11)".to_owned(),
+            ));
+        }
+        if spec.states[..i].iter().any(|t| t.id == s.id) {
+            return Err(invalid(format!("state {} is listed twice", s.id)));
+        }
+    }
+    Ok(())
+}
