@@ -47,6 +47,8 @@ pub enum FrameKind {
     Return,
     /// The PC interrupted by a signal, recovered from the signal frame's saved ucontext.
     SignalInterrupted,
+    /// The `rt_sigreturn` trampoline (glibc's `__restore_rt`) a signal handler returns to.
+    SignalTrampoline,
     /// A PC or return address in a caller-registered code range without CFI (relive's stubs,
     /// DESIGN §4.5): the function `label` counts as active on this stack.
     Stub { label: String },
