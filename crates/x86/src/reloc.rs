@@ -1,7 +1,8 @@
 //! Relocation of displaced instructions with iced-x86's `BlockEncoder` (DESIGN.md §4.3).
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Instruction, InstructionBlock,
+    BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, FlowControl,
+    Instruction, InstructionBlock,
 };
 
 use crate::EncodeError;
@@ -51,10 +52,9 @@ pub fn relocate(
             at: new_ip,
             reason: e.to_string(),
         })?;
-        // The jump back sits where the original continues: a branch of the block to `back` may be
-        // resolved to it, which is equivalent.
-        let ip = instructions.last().map_or(back, |l| l.next_ip());
-        j.set_ip(ip);
+        // BlockEncoder resolves branches to instructions of the block by IP: the jump back must not carry
+        // the IP it jumps to (it would jump to itself), so it gets one no code uses.
+        j.set_ip(0);
         block.push(j);
     }
     let res = BlockEncoder::encode(
@@ -67,11 +67,52 @@ pub fn relocate(
         at: new_ip,
         reason: e.to_string(),
     })?;
-    let mut new_offsets = res.new_instruction_offsets;
-    new_offsets.truncate(instructions.len());
+    let new_offsets = complete_offsets(&block, &res.new_instruction_offsets, &res.code_buffer, new_ip)
+        .ok_or_else(|| EncodeError::Encoder {
+            what: "relocated instructions".into(),
+            at: new_ip,
+            reason: "cannot map the relocated instructions back to the originals".into(),
+        })?;
     Ok(Relocated {
         ip: new_ip,
         code: res.code_buffer,
-        new_offsets,
+        new_offsets: new_offsets[..instructions.len()].to_vec(),
     })
+}
+
+/// BlockEncoder reports `u32::MAX` as the offset of an instruction it rewrote into several (a far `jcc`
+/// becomes `jncc skip; jmp [rip+p]`, a `loop`/`jrcxz` becomes `loop l1; jmp l2; l1: jmp target; l2:`).
+/// The expansions are laid out in order, so the offsets follow from the number of instructions each takes.
+fn complete_offsets(block: &[Instruction], reported: &[u32], code: &[u8], ip: u64) -> Option<Vec<u32>> {
+    let mut out = Vec::with_capacity(block.len());
+    let mut cur: u32 = 0;
+    for (ins, &rep) in block.iter().zip(reported) {
+        if rep != u32::MAX && rep != cur {
+            return None;
+        }
+        out.push(cur);
+        let count = if rep != u32::MAX {
+            1
+        } else {
+            match ins.flow_control() {
+                FlowControl::ConditionalBranch if ins.condition_code() != ConditionCode::None => 2,
+                FlowControl::ConditionalBranch => 3, // loop, loope, loopne, jrcxz, jecxz
+                _ => 1,
+            }
+        };
+        let mut dec = Decoder::with_ip(
+            64,
+            code.get(cur as usize..)?,
+            ip + cur as u64,
+            DecoderOptions::NONE,
+        );
+        for _ in 0..count {
+            let x = dec.decode();
+            if x.is_invalid() {
+                return None;
+            }
+            cur += x.len() as u32;
+        }
+    }
+    Some(out)
 }
