@@ -72,6 +72,7 @@ pub use model::{
     SIGNAL_EVERY, ThreadInfo, Transition,
 };
 pub use output::{
-    Action, CallbackKind, Code, EntryTarget, Event, Output, Step, SwitchOutcome, ThreadStack, Unreliable,
+    Action, CallbackKind, Code, EntryTarget, Event, Output, PrevState, Step, SwitchOutcome, ThreadStack,
+    Unreliable,
 };
 pub use spec::{CallbackSet, FuncSpec, ObjectSpec, PatchSpec, StateSpec};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, StateProblem, phase_name};
 use crate::ids::{FuncId, ObjectId, PatchState, Range, Tid};
 use crate::output::{
-    Action, CallbackKind, Code, EntryTarget, Event, Output, SwitchOutcome, ThreadStack, Unreliable,
+    Action, CallbackKind, Code, EntryTarget, Event, Output, PrevState, SwitchOutcome, ThreadStack, Unreliable,
 };
 use crate::spec::{CallbackSet, PatchSpec, StateSpec};
 
@@ -352,6 +352,26 @@ impl Model {
         }
     }
 
+    /// ST2 for every state id: what `klp_get_prev_state` answers right now (empty outside a transition).
+    pub fn prev_states(&self) -> Vec<PrevState> {
+        let Some(t) = &self.transition else { return vec![] };
+        let mut v: Vec<PrevState> = vec![];
+        for p in self.patches.iter().take_while(|p| p.name != t.patch) {
+            for s in &p.states {
+                let ps = PrevState {
+                    id: s.id,
+                    version: s.version,
+                    patch: p.name.clone(),
+                };
+                match v.iter_mut().find(|x| x.id == s.id) {
+                    Some(x) => *x = ps,
+                    None => v.push(ps),
+                }
+            }
+        }
+        v
+    }
+
     fn code_of(&self, patch: &str, func: &FuncId) -> Code {
         match self.patch(patch).and_then(|p| p.func(func)) {
             Some(Func {
@@ -523,6 +543,7 @@ impl Model {
         // L2.3 / CB3: pre_patch for each loaded object, in array order, before its funcs are pushed.
         let mut requested = vec![];
         let pi = self.patches.len() - 1;
+        let prev_states = self.prev_states();
         for o in self.patches[pi]
             .objects
             .iter_mut()
@@ -533,6 +554,7 @@ impl Model {
                     patch: name.clone(),
                     object: o.id.clone(),
                     kind: CallbackKind::PrePatch,
+                    prev_states: prev_states.clone(),
                 });
                 requested.push(o.id.clone());
             } else {
@@ -769,6 +791,7 @@ impl Model {
         self.init_transition(&mut out);
         self.sync_entries(&mut out);
         // L4.3 / CB4: pre_unpatch for each patched object.
+        let prev_states = self.prev_states();
         for o in self.patches[pi]
             .objects
             .iter()
@@ -778,6 +801,7 @@ impl Model {
                 patch: name.to_owned(),
                 object: o.id.clone(),
                 kind: CallbackKind::PreUnpatch,
+                prev_states: prev_states.clone(),
             });
         }
         self.start_transition(&mut out);
@@ -1041,8 +1065,10 @@ impl Model {
             });
         }
         self.set_tls_image(PatchState::Idle, out);
-        // L3.6 / L4 / CB2: post callbacks for loaded objects.
+        // L3.6 / L4 / CB2: post callbacks for loaded objects. The replaced patches are still listed, so ST2
+        // still sees their states (L3.9 [5.5]).
         let name = t.patch.clone();
+        let prev_states = self.prev_states();
         for o in self.patches[pi]
             .objects
             .iter_mut()
@@ -1060,6 +1086,7 @@ impl Model {
                     patch: name.clone(),
                     object: o.id.clone(),
                     kind,
+                    prev_states: prev_states.clone(),
                 });
             }
         }

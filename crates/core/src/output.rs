@@ -105,17 +105,29 @@ pub enum Action {
         target: EntryTarget,
     },
     /// CB1–CB5, CB8: run one callback of one object of one patch, in the agent. A `PrePatch` result must be
-    /// reported back through [`crate::Model::start`].
+    /// reported back through [`crate::Model::start`]. `prev_states` is what ST2 `klp_get_prev_state` answers
+    /// during this callback (one entry per state id, from the latest earlier patch that has it; empty
+    /// outside a transition).
     RunCallback {
         patch: String,
         object: ObjectId,
         kind: CallbackKind,
+        prev_states: Vec<PrevState>,
     },
     /// C8: send the remaining pending threads a wake-up ("fake signal") so they leave blocking calls.
     SignalThreads { tids: Vec<Tid> },
     /// L4/L9/R4: the patch left the model. `unload` is false for a forced patch (C11, U9): forget it but never
     /// `dlclose` its library.
     DropPatch { patch: String, unload: bool },
+}
+
+/// ST2: a state of an earlier patch, as `klp_get_prev_state(id)` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrevState {
+    pub id: u64,
+    pub version: u32,
+    /// The patch that carries it.
+    pub patch: String,
 }
 
 /// A structured kernel log line (L2, L3, L4, L6, L7, C8, C11, ST3).
