@@ -24,3 +24,6 @@ pub use mem::{
 pub use ptrace::{Regs, StopKind, StoppedProcess, StoppedThread, stop_all, stop_thread};
 pub use stacks::{ThreadStack, thread_stack};
 pub use threads::{ThreadInfo, list_threads, parse_stat, thread_info};
+pub mod agent;
+pub mod remote;
+pub mod xstate;

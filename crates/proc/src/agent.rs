@@ -1,0 +1,740 @@
+//! The controller's side of the agent (DESIGN §4.6–§4.8): find `librelive_agent.so` in a process,
+//! read its registry without stopping anything, talk to it over its command pipes, and inject it.
+//!
+//! Layouts and the protocol are defined once, in `relive_abi`.
+
+use relive_abi::proto::{self, FRAME_HEADER, Request, Response};
+use relive_abi::registry::{self as layout, Header, Snapshot};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Errors of the agent layer. Every message names the pid and says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no process with pid {pid}: check the pid with `ps` or `pgrep`")]
+    NoProcess { pid: i32 },
+    #[error(
+        "pid {pid} has no relive agent loaded (no {} mapping exports `{}`); `relive load` or `relive apply` injects it",
+        relive_abi::AGENT_FILE_NAME,
+        relive_abi::REGISTRY_SYMBOL
+    )]
+    NotLoaded { pid: i32 },
+    #[error("cannot read {what} of pid {pid}: {source}{hint}")]
+    Io {
+        pid: i32,
+        what: String,
+        source: std::io::Error,
+        hint: String,
+    },
+    #[error("the agent file {path} mapped in pid {pid} cannot be parsed: {detail}")]
+    BadAgentFile { pid: i32, path: String, detail: String },
+    #[error("registry of pid {pid} at {addr:#x}: {source}")]
+    Registry {
+        pid: i32,
+        addr: u64,
+        source: layout::RegistryError,
+    },
+    #[error(
+        "registry of pid {pid} at {addr:#x} kept changing during {tries} reads; retry (is a controller writing it in a loop?)"
+    )]
+    RegistryBusy { pid: i32, addr: u64, tries: u32 },
+    #[error(
+        "the agent in pid {pid} is not ready after {waited:?} (its service thread has not started); retry, or check the target's stderr"
+    )]
+    NotReady { pid: i32, waited: Duration },
+    #[error(
+        "another relive is talking to the agent of pid {pid} (its channel is locked); retry when it is done"
+    )]
+    ChannelBusy { pid: i32 },
+    #[error(
+        "the agent of pid {pid} did not answer {request} within {timeout:?}; it may be busy in a callback, retry later"
+    )]
+    Timeout {
+        pid: i32,
+        request: &'static str,
+        timeout: Duration,
+    },
+    #[error("malformed answer from the agent of pid {pid}: {source}")]
+    Protocol { pid: i32, source: proto::ProtoError },
+    #[error("the agent of pid {pid} refused {request}: {message} (errno {errno})")]
+    Refused {
+        pid: i32,
+        request: &'static str,
+        errno: i32,
+        message: String,
+    },
+    #[error("the agent of pid {pid} answered {request} with an unexpected {got:?}")]
+    Unexpected {
+        pid: i32,
+        request: &'static str,
+        got: Response,
+    },
+    #[error(
+        "cannot find {}: tried {tried}; build it with `cargo build -p relive-agent` or set RELIVE_AGENT=/path/to/{}",
+        relive_abi::AGENT_FILE_NAME,
+        relive_abi::AGENT_FILE_NAME
+    )]
+    NoAgentFile { tried: String },
+    #[error(transparent)]
+    Inject(#[from] crate::remote::InjectError),
+}
+
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+fn io_err(pid: i32, what: impl Into<String>, source: std::io::Error) -> AgentError {
+    let hint = match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (permission denied: run relive as the target's user with ptrace allowed, as root, or with \
+             CAP_SYS_PTRACE; check /proc/sys/kernel/yama/ptrace_scope)"
+                .to_string()
+        }
+        Some(libc::ESRCH) | Some(libc::ENOENT) if !Path::new(&format!("/proc/{pid}")).exists() => {
+            " (the process exited)".into()
+        }
+        _ => String::new(),
+    };
+    AgentError::Io {
+        pid,
+        what: what.into(),
+        source,
+        hint,
+    }
+}
+
+/// Reads target memory with `process_vm_readv`; the whole range must be readable.
+pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: `local` describes the unfilled tail of `buf`; the kernel checks the remote range.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapLine {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub offset: u64,
+    pub path: String,
+}
+
+/// Parses `/proc/PID/maps` text.
+pub fn parse_maps_text(text: &str) -> Vec<MapLine> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(6, ' ');
+            let range = it.next()?;
+            let perms = it.next()?.to_string();
+            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+            let _dev = it.next()?;
+            let _inode = it.next()?;
+            let path = it.next().unwrap_or("").trim_start().to_string();
+            let (s, e) = range.split_once('-')?;
+            Some(MapLine {
+                start: u64::from_str_radix(s, 16).ok()?,
+                end: u64::from_str_radix(e, 16).ok()?,
+                perms,
+                offset,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// Reads and parses `/proc/PID/maps`.
+pub fn read_maps(pid: i32) -> Result<Vec<MapLine>> {
+    match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(t) => Ok(parse_maps_text(&t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(AgentError::NoProcess { pid }),
+        Err(e) => Err(io_err(pid, "/proc/PID/maps", e)),
+    }
+}
+
+/// A module of the target found in its maps: its file bytes and load bias.
+#[derive(Debug)]
+pub struct MappedFile {
+    pub path: String,
+    pub bias: u64,
+    pub data: Vec<u8>,
+}
+
+/// Reads the file behind the mappings named `path` (through `/proc/PID/map_files`, which is the file
+/// actually mapped even if replaced on disk or in another mount namespace) and computes its bias.
+pub fn mapped_file(pid: i32, maps: &[MapLine], path: &str) -> Result<MappedFile> {
+    let first = maps
+        .iter()
+        .filter(|m| m.path == path && m.offset == 0)
+        .min_by_key(|m| m.start)
+        .ok_or_else(|| AgentError::BadAgentFile {
+            pid,
+            path: path.into(),
+            detail: "no mapping at file offset 0".into(),
+        })?;
+    let via = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
+    let data = std::fs::read(&via)
+        .or_else(|_| std::fs::read(format!("/proc/{pid}/root{path}")))
+        .or_else(|_| std::fs::read(path))
+        .map_err(|e| io_err(pid, format!("the mapped file {path}"), e))?;
+    use object::{Object, ObjectSegment};
+    let file = object::File::parse(&*data).map_err(|e| AgentError::BadAgentFile {
+        pid,
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    let min_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    Ok(MappedFile {
+        path: path.into(),
+        bias: first.start - min_vaddr,
+        data,
+    })
+}
+
+/// Looks up a `.dynsym` symbol's address (bias applied).
+pub fn dynsym_addr(m: &MappedFile, name: &str) -> Option<u64> {
+    use object::{Object, ObjectSymbol};
+    let file = object::File::parse(&*m.data).ok()?;
+    file.dynamic_symbols()
+        .find(|s| s.name() == Ok(name) && s.is_definition())
+        .map(|s| m.bias + s.address())
+}
+
+/// Where an agent lives in a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLocation {
+    pub pid: i32,
+    /// The agent's path as mapped.
+    pub path: String,
+    /// The address of `relive_registry`.
+    pub registry_addr: u64,
+}
+
+fn looks_like_agent(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.contains("relive_agent") || base.contains("relive-agent")
+}
+
+/// Finds the agent in `pid` without stopping anything (module map + `.dynsym` lookup).
+pub fn find_agent(pid: i32) -> Result<AgentLocation> {
+    let maps = read_maps(pid)?;
+    let mut seen = Vec::new();
+    for m in &maps {
+        if m.offset != 0 || !looks_like_agent(&m.path) || seen.contains(&m.path) {
+            continue;
+        }
+        seen.push(m.path.clone());
+        let f = mapped_file(pid, &maps, &m.path)?;
+        if let Some(addr) = dynsym_addr(&f, relive_abi::REGISTRY_SYMBOL) {
+            return Ok(AgentLocation {
+                pid,
+                path: m.path.clone(),
+                registry_addr: addr,
+            });
+        }
+    }
+    Err(AgentError::NotLoaded { pid })
+}
+
+/// Reads a consistent copy of the registry (seqlock: generation even and unchanged across the copy).
+pub fn read_registry(loc: &AgentLocation) -> Result<Snapshot> {
+    let pid = loc.pid;
+    let addr = loc.registry_addr;
+    const TRIES: u32 = 10_000;
+    let mut buf = vec![0u8; layout::HEADER_SIZE];
+    let mut g = [0u8; 8];
+    for i in 0..TRIES {
+        if i > 100 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        read_mem(pid, addr + layout::off::GENERATION as u64, &mut g)
+            .map_err(|e| io_err(pid, "the registry", e))?;
+        let g1 = u64::from_le_bytes(g);
+        if g1 % 2 == 1 {
+            continue;
+        }
+        buf.resize(layout::HEADER_SIZE, 0);
+        read_mem(pid, addr, &mut buf).map_err(|e| io_err(pid, "the registry", e))?;
+        let h = match layout::decode_header(&buf) {
+            Ok(h) => h,
+            Err(_) if layout::generation_of(&buf).ok() != Some(g1) => continue,
+            Err(source) => return Err(AgentError::Registry { pid, addr, source }),
+        };
+        if h.body_len > 0 {
+            buf.resize(layout::HEADER_SIZE + h.body_len as usize, 0);
+            read_mem(
+                pid,
+                addr + layout::HEADER_SIZE as u64,
+                &mut buf[layout::HEADER_SIZE..],
+            )
+            .map_err(|e| io_err(pid, "the registry body", e))?;
+        }
+        read_mem(pid, addr + layout::off::GENERATION as u64, &mut g)
+            .map_err(|e| io_err(pid, "the registry", e))?;
+        let g2 = u64::from_le_bytes(g);
+        if h.generation != g1 {
+            continue;
+        }
+        match layout::decode_consistent(&buf, g2) {
+            Ok(s) => return Ok(s),
+            Err(layout::RegistryError::Torn { .. } | layout::RegistryError::WriterInside { .. }) => continue,
+            Err(source) => return Err(AgentError::Registry { pid, addr, source }),
+        }
+    }
+    Err(AgentError::RegistryBusy {
+        pid,
+        addr,
+        tries: TRIES,
+    })
+}
+
+/// Waits until the agent's header says READY (its service thread runs).
+pub fn wait_ready(loc: &AgentLocation, timeout: Duration) -> Result<Header> {
+    let start = Instant::now();
+    loop {
+        let s = read_registry(loc)?;
+        if s.header.flags & layout::FLAG_READY != 0 && s.header.agent_pid == loc.pid as u32 {
+            return Ok(s.header);
+        }
+        if start.elapsed() > timeout {
+            return Err(AgentError::NotReady {
+                pid: loc.pid,
+                waited: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Every process on the system that has the agent loaded (scans `/proc/*/maps`; processes that
+/// cannot be read are skipped).
+pub fn processes_with_agent() -> Vec<AgentLocation> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let me = std::process::id() as i32;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            continue;
+        };
+        if !text
+            .lines()
+            .any(|l| looks_like_agent(l.rsplit(' ').next().unwrap_or("")))
+        {
+            continue;
+        }
+        if let Ok(loc) = find_agent(pid) {
+            out.push(loc);
+        }
+    }
+    out.sort_by_key(|l| l.pid);
+    out
+}
+
+/// An open command channel to one agent. Holds `flock(LOCK_EX)` on the request pipe while alive, so
+/// one controller at a time talks to the agent.
+#[derive(Debug)]
+pub struct AgentConn {
+    pub pid: i32,
+    req: File,
+    resp: File,
+    seq: u32,
+    /// How long to wait for each answer.
+    pub timeout: Duration,
+}
+
+fn req_name(r: &Request) -> &'static str {
+    match r {
+        Request::Ping => "ping",
+        Request::LoadPath { .. } => "load",
+        Request::CreateMemfd { .. } => "create-memfd",
+        Request::CloseFd { .. } => "close-fd",
+        Request::Dlsym { .. } => "dlsym",
+        Request::Unload { .. } => "unload",
+        Request::Callback { .. } => "callback",
+        Request::MapStubs { .. } => "map-stubs",
+        Request::Unmap { .. } => "unmap",
+        Request::SetImport { .. } => "set-import",
+        Request::WriteBody { .. } => "write-body",
+        Request::Lock { .. } => "lock",
+        Request::Unlock { .. } => "unlock",
+    }
+}
+
+/// A patch library loaded by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedLib {
+    pub handle: u64,
+    pub base: u64,
+}
+
+impl AgentConn {
+    /// Opens the agent's pipes through `/proc/PID/fd/N` and takes the channel lock (waits up to
+    /// `timeout` for another controller to finish).
+    pub fn open(loc: &AgentLocation, timeout: Duration) -> Result<AgentConn> {
+        let pid = loc.pid;
+        let h = wait_ready(loc, timeout)?;
+        let req = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/proc/{pid}/fd/{}", h.req_fd))
+            .map_err(|e| {
+                io_err(
+                    pid,
+                    format!("the agent's request pipe /proc/{pid}/fd/{}", h.req_fd),
+                    e,
+                )
+            })?;
+        let resp = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(format!("/proc/{pid}/fd/{}", h.resp_fd))
+            .map_err(|e| {
+                io_err(
+                    pid,
+                    format!("the agent's response pipe /proc/{pid}/fd/{}", h.resp_fd),
+                    e,
+                )
+            })?;
+        let start = Instant::now();
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(req.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            if start.elapsed() > timeout {
+                return Err(AgentError::ChannelBusy { pid });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // A fresh random-ish start so answers meant for an earlier controller never match.
+        let seq = (std::process::id() << 16) ^ (Instant::now().elapsed().subsec_nanos() & 0xffff) ^ 0x5a5a;
+        Ok(AgentConn {
+            pid,
+            req,
+            resp,
+            seq,
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Sends one request and waits for its answer. An `Error` answer becomes [`AgentError::Refused`].
+    pub fn call(&mut self, req: &Request) -> Result<Response> {
+        let name = req_name(req);
+        let pid = self.pid;
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        // Throw away anything a previous controller left unread.
+        let mut junk = [0u8; 4096];
+        while matches!(self.resp.read(&mut junk), Ok(n) if n > 0) {}
+        self.req
+            .write_all(&req.encode(seq))
+            .map_err(|e| io_err(pid, "the agent's request pipe", e))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            while buf.len() >= FRAME_HEADER {
+                let h = proto::decode_frame_header(&buf)
+                    .map_err(|source| AgentError::Protocol { pid, source })?;
+                let total = FRAME_HEADER + h.payload_len as usize;
+                if buf.len() < total {
+                    break;
+                }
+                let frame: Vec<u8> = buf.drain(..total).collect();
+                if h.seq != seq {
+                    continue;
+                }
+                let resp = Response::decode(h.kind, &frame[FRAME_HEADER..])
+                    .map_err(|source| AgentError::Protocol { pid, source })?;
+                return match resp {
+                    Response::Error { errno, message } => Err(AgentError::Refused {
+                        pid,
+                        request: name,
+                        errno,
+                        message,
+                    }),
+                    r => Ok(r),
+                };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(AgentError::Timeout {
+                    pid,
+                    request: name,
+                    timeout: self.timeout,
+                });
+            }
+            let mut p = libc::pollfd {
+                fd: self.resp.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            let mut chunk = [0u8; 8192];
+            match self.resp.read(&mut chunk) {
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(pid, "the agent's response pipe", e)),
+            }
+        }
+    }
+
+    fn unexpected<T>(&self, request: &'static str, got: Response) -> Result<T> {
+        Err(AgentError::Unexpected {
+            pid: self.pid,
+            request,
+            got,
+        })
+    }
+
+    /// Returns the agent's version.
+    pub fn ping(&mut self) -> Result<u32> {
+        match self.call(&Request::Ping)? {
+            Response::Pong { agent_version, .. } => Ok(agent_version),
+            r => self.unexpected("ping", r),
+        }
+    }
+
+    /// `dlopen(path)` in the target (the path as seen from inside the target's mount namespace).
+    pub fn load_path(&mut self, path: &str) -> Result<LoadedLib> {
+        match self.call(&Request::LoadPath { path: path.into() })? {
+            Response::Loaded { handle, base } => Ok(LoadedLib { handle, base }),
+            r => self.unexpected("load", r),
+        }
+    }
+
+    /// Loads a library from the controller's file system into the target, whatever its mount
+    /// namespace (DESIGN §4.6): the agent makes a memfd, the controller fills it through
+    /// `/proc/PID/fd/N`, the agent `dlopen`s `/proc/self/fd/N` and closes the fd.
+    pub fn load_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<LoadedLib> {
+        let fd = match self.call(&Request::CreateMemfd {
+            name: name.into(),
+            size: bytes.len() as u64,
+        })? {
+            Response::Fd { fd } => fd,
+            r => return self.unexpected("create-memfd", r),
+        };
+        let pid = self.pid;
+        let fill = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/fd/{fd}"))?;
+            f.write_all(bytes)
+        })();
+        let loaded = match fill {
+            Ok(()) => self.load_path(&format!("/proc/self/fd/{fd}")),
+            Err(e) => Err(io_err(pid, format!("the agent's memfd /proc/{pid}/fd/{fd}"), e)),
+        };
+        let closed = self.call(&Request::CloseFd { fd });
+        let l = loaded?;
+        closed?;
+        Ok(l)
+    }
+
+    /// `dlsym` in a loaded patch.
+    pub fn dlsym(&mut self, handle: u64, name: &str) -> Result<u64> {
+        match self.call(&Request::Dlsym {
+            handle,
+            name: name.into(),
+        })? {
+            Response::Addr { addr } => Ok(addr),
+            r => self.unexpected("dlsym", r),
+        }
+    }
+
+    /// `dlclose` of a loaded patch.
+    pub fn unload(&mut self, handle: u64) -> Result<()> {
+        match self.call(&Request::Unload { handle })? {
+            Response::Done => Ok(()),
+            r => self.unexpected("unload", r),
+        }
+    }
+
+    /// Runs `int name(void)` of a loaded patch on the agent's service thread.
+    pub fn callback(&mut self, handle: u64, name: &str) -> Result<i32> {
+        match self.call(&Request::Callback {
+            handle,
+            name: name.into(),
+        })? {
+            Response::Int { value } => Ok(value),
+            r => self.unexpected("callback", r),
+        }
+    }
+
+    /// Maps `len` bytes of r-x pages within ±2 GiB of `near`; returns their address.
+    pub fn map_stubs(&mut self, near: u64, len: u64) -> Result<u64> {
+        match self.call(&Request::MapStubs { near, len })? {
+            Response::Addr { addr } => Ok(addr),
+            r => self.unexpected("map-stubs", r),
+        }
+    }
+
+    /// Unmaps pages made by [`AgentConn::map_stubs`].
+    pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        match self.call(&Request::Unmap { addr, len })? {
+            Response::Done => Ok(()),
+            r => self.unexpected("unmap", r),
+        }
+    }
+
+    /// Writes an import slot of a loaded patch: `*(u64*)dlsym(handle, slot) = value`.
+    pub fn set_import(&mut self, handle: u64, slot: &str, value: u64) -> Result<()> {
+        match self.call(&Request::SetImport {
+            handle,
+            slot: slot.into(),
+            value,
+        })? {
+            Response::Done => Ok(()),
+            r => self.unexpected("set-import", r),
+        }
+    }
+
+    /// Replaces the registry body (write-ahead: call before acting).
+    pub fn write_body(&mut self, body_version: u32, body: &[u8]) -> Result<()> {
+        match self.call(&Request::WriteBody {
+            body_version,
+            body: body.to_vec(),
+        })? {
+            Response::Done => Ok(()),
+            r => self.unexpected("write-body", r),
+        }
+    }
+
+    /// Takes the controller lock in the registry for this process (`owner` = our pid).
+    pub fn lock(&mut self) -> Result<()> {
+        match self.call(&Request::Lock {
+            owner: std::process::id(),
+        })? {
+            Response::Done => Ok(()),
+            r => self.unexpected("lock", r),
+        }
+    }
+
+    /// Releases the controller lock.
+    pub fn unlock(&mut self) -> Result<()> {
+        match self.call(&Request::Unlock {
+            owner: std::process::id(),
+        })? {
+            Response::Done => Ok(()),
+            r => self.unexpected("unlock", r),
+        }
+    }
+}
+
+/// Finds `librelive_agent.so` for injection: `$RELIVE_AGENT`, else next to the running executable
+/// (`target/{debug,release}/`), else in its parent directory (test binaries live in `deps/`), else
+/// in its `deps/`.
+pub fn agent_library_path() -> Result<PathBuf> {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("RELIVE_AGENT") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(format!("{} (from RELIVE_AGENT)", p.display()));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        {
+            let mut dirs = vec![dir.to_path_buf(), dir.join("deps")];
+            if let Some(up) = dir.parent() {
+                dirs.push(up.to_path_buf());
+            }
+            for d in dirs {
+                let p = d.join(relive_abi::AGENT_FILE_NAME);
+                if p.is_file() {
+                    return Ok(p.canonicalize().unwrap_or(p));
+                }
+                tried.push(p.display().to_string());
+            }
+        }
+    }
+    Err(AgentError::NoAgentFile {
+        tried: tried.join(", "),
+    })
+}
+
+/// How [`ensure_agent`] got the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// It was already there (preloaded or injected earlier).
+    Present(AgentLocation),
+    /// It was injected now.
+    Injected(AgentLocation, crate::remote::InjectReport),
+}
+
+impl Ensured {
+    pub fn location(&self) -> &AgentLocation {
+        match self {
+            Ensured::Present(l) | Ensured::Injected(l, _) => l,
+        }
+    }
+}
+
+/// Makes sure the agent runs in `pid`: finds it, or injects it with one remote `dlopen`
+/// (crate::remote, REMOTE-CALL.md R3), then waits until its service thread is ready.
+pub fn ensure_agent(pid: i32, opts: &crate::remote::InjectOptions) -> Result<Ensured> {
+    match find_agent(pid) {
+        Ok(loc) => {
+            wait_ready(&loc, opts.timeout)?;
+            return Ok(Ensured::Present(loc));
+        }
+        Err(AgentError::NotLoaded { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let path = agent_library_path()?;
+    let report = crate::remote::inject_library(pid, &path, opts)?;
+    let loc = find_agent(pid)?;
+    wait_ready(&loc, opts.timeout)?;
+    Ok(Ensured::Injected(loc, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t_parse_maps_lines() {
+        let m = parse_maps_text(
+            "7f0000000000-7f0000001000 r--p 00000000 fd:01 123 /usr/lib/librelive_agent.so\n\
+             7f0000001000-7f0000002000 r-xp 00001000 fd:01 123 /usr/lib/librelive_agent.so\n\
+             7ffd0000-7ffe0000 rw-p 00000000 00:00 0                          [stack]\n",
+        );
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1].offset, 0x1000);
+        assert_eq!(m[2].path, "[stack]");
+        assert!(looks_like_agent(&m[0].path));
+        assert!(!looks_like_agent("/usr/lib/libc.so.6"));
+    }
+}
