@@ -186,7 +186,9 @@ pub fn clobbered_registers(
                 if matches!(
                     r.access(),
                     OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-                ) {
+                ) && r.register().full_register() != Register::RSP
+                {
+                    // rsp comes back as it was (calls, pushes): it is never part of the clobbers.
                     set.add(r.register());
                 }
             }
