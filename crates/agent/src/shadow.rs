@@ -56,12 +56,13 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::*, fence};
 use std::alloc::Layout;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-pub use diag::DiagCounts;
 use diag::Diag;
+pub use diag::DiagCounts;
 
 /// `int ctor(void *obj, void *shadow_data, void *ctor_data)`: the kernel's `klp_shadow_ctor_t`.
 /// Runs under the store lock on zero-filled data; a non-zero return aborts the allocation.
-pub type Ctor = unsafe extern "C" fn(obj: *mut c_void, shadow_data: *mut c_void, ctor_data: *mut c_void) -> c_int;
+pub type Ctor =
+    unsafe extern "C" fn(obj: *mut c_void, shadow_data: *mut c_void, ctor_data: *mut c_void) -> c_int;
 
 /// `void dtor(void *obj, void *shadow_data)`: the kernel's `klp_shadow_dtor_t`. Runs under the store
 /// lock after the variable is unlinked, before its data is freed.
@@ -89,7 +90,10 @@ pub struct Bucket {
 
 impl Bucket {
     const fn new() -> Self {
-        Bucket { head: AtomicPtr::new(null_mut()), generation: AtomicU64::new(0) }
+        Bucket {
+            head: AtomicPtr::new(null_mut()),
+            generation: AtomicU64::new(0),
+        }
     }
 }
 
@@ -178,7 +182,10 @@ impl ShadowStore {
             buckets,
             shift: 64 - bits,
             owned: false,
-            writer: Mutex::new(Writer { free: null_mut(), chunks: Vec::new() }),
+            writer: Mutex::new(Writer {
+                free: null_mut(),
+                chunks: Vec::new(),
+            }),
             owner: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             diag: Diag::new(),
@@ -244,7 +251,14 @@ impl ShadowStore {
     ///
     /// # Safety
     /// `ctor`, if given, must be safe to call with `(obj, data, ctor_data)` under the store lock.
-    pub unsafe fn alloc(&self, obj: *const c_void, id: u64, size: usize, ctor: Option<Ctor>, ctor_data: *mut c_void) -> *mut c_void {
+    pub unsafe fn alloc(
+        &self,
+        obj: *const c_void,
+        id: u64,
+        size: usize,
+        ctor: Option<Ctor>,
+        ctor_data: *mut c_void,
+    ) -> *mut c_void {
         // SAFETY: forwarded caller contract.
         unsafe { self.alloc_impl(obj, id, size, ctor, ctor_data, true) }
     }
@@ -254,7 +268,14 @@ impl ShadowStore {
     ///
     /// # Safety
     /// As for [`alloc`](Self::alloc).
-    pub unsafe fn get_or_alloc(&self, obj: *const c_void, id: u64, size: usize, ctor: Option<Ctor>, ctor_data: *mut c_void) -> *mut c_void {
+    pub unsafe fn get_or_alloc(
+        &self,
+        obj: *const c_void,
+        id: u64,
+        size: usize,
+        ctor: Option<Ctor>,
+        ctor_data: *mut c_void,
+    ) -> *mut c_void {
         // SAFETY: forwarded caller contract.
         unsafe { self.alloc_impl(obj, id, size, ctor, ctor_data, false) }
     }
@@ -301,7 +322,9 @@ impl ShadowStore {
                 drop(locked);
                 // SAFETY: the ctor failed, the data was never published.
                 unsafe { free_data(data, size) };
-                self.diag.emit(format_args!("Failed to construct shadow variable <{obj:p}, {id:#x}> ({rc})"));
+                self.diag.emit(format_args!(
+                    "Failed to construct shadow variable <{obj:p}, {id:#x}> ({rc})"
+                ));
                 return null_mut();
             }
         }
@@ -340,7 +363,9 @@ impl ShadowStore {
     /// `dtor`, if given, must be safe to call with `(obj, data)` under the store lock. No thread may
     /// use the variable's data afterwards.
     pub unsafe fn free(&self, obj: *const c_void, id: u64, dtor: Option<Dtor>) {
-        let Some(mut locked) = self.lock(obj, id, "free") else { return };
+        let Some(mut locked) = self.lock(obj, id, "free") else {
+            return;
+        };
         let b = self.bucket(obj as usize, id);
         let mut link = &b.head;
         loop {
@@ -352,7 +377,11 @@ impl ShadowStore {
             let n = unsafe { &*p };
             if n.obj.load(Relaxed) == obj as usize && n.id.load(Relaxed) == id {
                 // SAFETY: `link` is the link that points to `p`, found under the lock.
-                unsafe { self.unlink_and_destroy(&mut locked.writer, b, link, p, dtor) };
+                let (data, size) = unsafe { self.unlink_and_destroy(&mut locked.writer, b, link, p, dtor) };
+                drop(locked);
+                // Outside the lock (the kernel frees after a grace period, also outside it).
+                // SAFETY: unlinked and destroyed above: nothing in the store refers to it.
+                unsafe { free_data(data, size) };
                 return;
             }
             link = &n.next;
@@ -364,7 +393,9 @@ impl ShadowStore {
     /// # Safety
     /// As for [`free`](Self::free), for every matching variable.
     pub unsafe fn free_all(&self, id: u64, dtor: Option<Dtor>) {
-        let Some(mut locked) = self.lock(ptr::null(), id, "free_all") else { return };
+        let Some(mut locked) = self.lock(ptr::null(), id, "free_all") else {
+            return;
+        };
         for b in self.buckets {
             let mut link = &b.head;
             loop {
@@ -376,8 +407,11 @@ impl ShadowStore {
                 let n = unsafe { &*p };
                 if n.id.load(Relaxed) == id {
                     // SAFETY: `link` points to `p`; after the unlink it points to p's successor,
-                    // so the walk continues from the same link.
-                    unsafe { self.unlink_and_destroy(&mut locked.writer, b, link, p, dtor) };
+                    // so the walk continues from the same link. The data is unreachable after it.
+                    unsafe {
+                        let (data, size) = self.unlink_and_destroy(&mut locked.writer, b, link, p, dtor);
+                        free_data(data, size);
+                    }
                 } else {
                     link = &n.next;
                 }
@@ -385,12 +419,19 @@ impl ShadowStore {
         }
     }
 
-    /// Unlinks `p` (pointed to by `link` in bucket `b`), bumps the generation, runs the dtor, frees
-    /// the data and recycles the node.
+    /// Unlinks `p` (pointed to by `link` in bucket `b`), bumps the generation, runs the dtor and
+    /// recycles the node; returns the data block and its size for the caller to free.
     ///
     /// # Safety
     /// The lock is held (`writer` proves it), `link` lies in `b`'s chain and points to `p`.
-    unsafe fn unlink_and_destroy(&self, writer: &mut Writer, b: &Bucket, link: &AtomicPtr<Node>, p: *mut Node, dtor: Option<Dtor>) {
+    unsafe fn unlink_and_destroy(
+        &self,
+        writer: &mut Writer,
+        b: &Bucket,
+        link: &AtomicPtr<Node>,
+        p: *mut Node,
+        dtor: Option<Dtor>,
+    ) -> (*mut u8, usize) {
         // SAFETY: caller contract: `p` is a live node.
         let n = unsafe { &*p };
         link.store(n.next.load(Relaxed), Release);
@@ -406,17 +447,18 @@ impl ShadowStore {
             // SAFETY: caller contract of free/free_all.
             unsafe { dtor(obj as *mut c_void, data.cast()) };
         }
-        // SAFETY: `data` was allocated by alloc_data(size) and is unreachable through the store now.
-        unsafe { free_data(data, size) };
         n.data.store(null_mut(), Relaxed);
         n.next.store(writer.free, Relaxed);
         writer.free = p;
         self.live.fetch_sub(1, Relaxed);
+        (data, size)
     }
 
     /// Number of variables in the store, counted by walking every bucket under the lock.
     pub fn count(&self) -> usize {
-        let Some(_locked) = self.lock(ptr::null(), 0, "count") else { return self.live() };
+        let Some(_locked) = self.lock(ptr::null(), 0, "count") else {
+            return self.live();
+        };
         let mut total = 0;
         for b in self.buckets {
             let mut p = b.head.load(Relaxed);
@@ -450,7 +492,10 @@ impl ShadowStore {
         }
         let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         self.owner.store(me, Relaxed);
-        Some(Locked { writer, owner: &self.owner })
+        Some(Locked {
+            writer,
+            owner: &self.owner,
+        })
     }
 
     fn find_locked(&self, obj: usize, id: u64) -> *mut u8 {

@@ -68,9 +68,13 @@ struct CtorArg {
 
 unsafe extern "C" fn ctor(_obj: *mut c_void, data: *mut c_void, ctor_data: *mut c_void) -> c_int {
     // SAFETY: callers pass a live CtorArg; data has DATA_SIZE bytes.
-    let (arg, bytes) =
-        unsafe { (&*ctor_data.cast::<CtorArg>(), std::slice::from_raw_parts_mut(data.cast::<u8>(), DATA_SIZE)) };
-    if data as usize % DATA_ALIGN != 0 || bytes.iter().any(|&b| b != 0) {
+    let (arg, bytes) = unsafe {
+        (
+            &*ctor_data.cast::<CtorArg>(),
+            std::slice::from_raw_parts_mut(data.cast::<u8>(), DATA_SIZE),
+        )
+    };
+    if !(data as usize).is_multiple_of(DATA_ALIGN) || bytes.iter().any(|&b| b != 0) {
         violation("data not zeroed or not aligned before ctor");
     }
     if arg.fail {
@@ -149,7 +153,10 @@ fn worker(s: &ShadowStore, t: usize, deadline: Instant) -> Ops {
         let id = IDS[(r >> 20) as usize % IDS.len()];
         let obj = obj_addr(o) as *const c_void;
         let k = key_index(obj as usize, id);
-        let mut arg = CtorArg { key: k, fail: (r >> 40) % 10 == 0 };
+        let mut arg = CtorArg {
+            key: k,
+            fail: (r >> 40).is_multiple_of(10),
+        };
         let argp = (&mut arg as *mut CtorArg).cast::<c_void>();
         match r % 100 {
             0..=39 => {
@@ -158,7 +165,7 @@ fn worker(s: &ShadowStore, t: usize, deadline: Instant) -> Ops {
                 let c = BOOK.cur[k].load(SeqCst);
                 let v2 = BOOK.ver[k].load(SeqCst);
                 if v1 == v2 {
-                    if v1 % 2 == 0 && p != 0 {
+                    if v1.is_multiple_of(2) && p != 0 {
                         violation("get found a variable while none was constructed");
                     }
                     if v1 % 2 == 1 && p != 0 && p != c {
@@ -189,7 +196,7 @@ fn worker(s: &ShadowStore, t: usize, deadline: Instant) -> Ops {
                 ops.frees += 1;
             }
             90 => {
-                if (r >> 32) % 16 == 0 {
+                if (r >> 32).is_multiple_of(16) {
                     // SAFETY: as above.
                     unsafe { s.free_all(id, Some(dtor)) };
                     ops.free_alls += 1;
@@ -199,14 +206,22 @@ fn worker(s: &ShadowStore, t: usize, deadline: Instant) -> Ops {
                 // Private keys: this thread alone allocates, frees and dereferences them.
                 let slot = (r >> 24) as usize % private_model.len();
                 let pobj = (0x5000_0000 + slot * 0x40) as *const c_void;
-                if (r >> 50) % 8 == 0 {
+                if (r >> 50).is_multiple_of(8) {
                     // SAFETY: no dtor; private key.
                     unsafe { s.free(pobj, private_id, None) };
                     private_model[slot] = None;
                 } else {
                     let mut init = 1000 * (t as u64 + 1);
                     // SAFETY: ctor_private writes the u64 behind ctor_data into 8 bytes of data.
-                    let p = unsafe { s.get_or_alloc(pobj, private_id, 8, Some(ctor_private), (&mut init as *mut u64).cast()) };
+                    let p = unsafe {
+                        s.get_or_alloc(
+                            pobj,
+                            private_id,
+                            8,
+                            Some(ctor_private),
+                            (&mut init as *mut u64).cast(),
+                        )
+                    };
                     // SAFETY: only this thread frees this key, so the data is live; a u64.
                     let cur = unsafe { &mut *p.cast::<u64>() };
                     let want = private_model[slot].unwrap_or(init);
@@ -227,7 +242,10 @@ fn worker(s: &ShadowStore, t: usize, deadline: Instant) -> Ops {
 }
 
 fn stress_duration() -> Duration {
-    let secs = std::env::var("RELIVE_SHADOW_STRESS_SECS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(10.0);
+    let secs = std::env::var("RELIVE_SHADOW_STRESS_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(10.0);
     Duration::from_secs_f64(secs)
 }
 
@@ -246,12 +264,19 @@ fn serial_sv_concurrency_16_threads_overlapping_keys() {
             })
         })
         .collect();
-    let ops: Vec<Ops> = hs.into_iter().map(|h| h.join().expect("worker panicked")).collect();
+    let ops: Vec<Ops> = hs
+        .into_iter()
+        .map(|h| h.join().expect("worker panicked"))
+        .collect();
     let elapsed = start.elapsed();
 
     // No entry leaks: the table holds exactly the keys the bookkeeping says are live.
     let live_keys = BOOK.live.iter().filter(|l| l.load(SeqCst)).count();
-    assert_eq!(s.count(), live_keys, "table entries vs keys with a constructed variable");
+    assert_eq!(
+        s.count(),
+        live_keys,
+        "table entries vs keys with a constructed variable"
+    );
     assert_eq!(s.live(), live_keys);
     for (k, l) in BOOK.live.iter().enumerate() {
         let (c, d) = (BOOK.ctor_runs[k].load(SeqCst), BOOK.dtor_runs[k].load(SeqCst));
@@ -270,7 +295,10 @@ fn serial_sv_concurrency_16_threads_overlapping_keys() {
         dtors += d;
     }
     assert_eq!(BOOK.violations.load(SeqCst), 0, "violations (see stderr)");
-    let total: u64 = ops.iter().map(|o| o.gets + o.allocs + o.get_or_allocs + o.frees + o.free_alls + o.private).sum();
+    let total: u64 = ops
+        .iter()
+        .map(|o| o.gets + o.allocs + o.get_or_allocs + o.frees + o.free_alls + o.private)
+        .sum();
     eprintln!(
         "{THREADS} threads, {elapsed:.1?}: {total} ops, {ctors} ctors = {dtors} dtors, {} failed ctors, \
          diagnostics {:?}; per thread {:?}",

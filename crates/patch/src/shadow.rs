@@ -52,7 +52,8 @@ pub mod raw {
     use core::ffi::{c_int, c_void};
 
     /// `int ctor(void *obj, void *shadow_data, void *ctor_data)`, run under the store lock.
-    pub type Ctor = unsafe extern "C" fn(obj: *mut c_void, shadow_data: *mut c_void, ctor_data: *mut c_void) -> c_int;
+    pub type Ctor =
+        unsafe extern "C" fn(obj: *mut c_void, shadow_data: *mut c_void, ctor_data: *mut c_void) -> c_int;
     /// `void dtor(void *obj, void *shadow_data)`, run under the store lock.
     pub type Dtor = unsafe extern "C" fn(obj: *mut c_void, shadow_data: *mut c_void);
 
@@ -156,7 +157,10 @@ impl<T: Send + Sync + 'static> Shadow<T> {
     /// treats its data as a `T`: SV7 hands variables from one patch to the next by id alone, with
     /// no type check.
     pub const unsafe fn new(id: u64) -> Self {
-        assert!(core::mem::align_of::<T>() <= DATA_ALIGN, "shadow data is aligned to 16 bytes only");
+        assert!(
+            core::mem::align_of::<T>() <= DATA_ALIGN,
+            "shadow data is aligned to 16 bytes only"
+        );
         Shadow { id, _t: PhantomData }
     }
 
@@ -182,7 +186,11 @@ impl<T: Send + Sync + 'static> Shadow<T> {
     }
 
     /// SV3 with a fallible initialiser: an `Err(code)` leaves nothing behind and returns `None`.
-    pub fn try_alloc_with(&self, obj: impl ShadowKey, init: impl FnOnce() -> Result<T, CtorError>) -> Option<&T> {
+    pub fn try_alloc_with(
+        &self,
+        obj: impl ShadowKey,
+        init: impl FnOnce() -> Result<T, CtorError>,
+    ) -> Option<&T> {
         self.create(obj.shadow_key(), init, false)
     }
 
@@ -193,7 +201,11 @@ impl<T: Send + Sync + 'static> Shadow<T> {
     }
 
     /// SV4 with a fallible initialiser.
-    pub fn try_get_or_alloc_with(&self, obj: impl ShadowKey, init: impl FnOnce() -> Result<T, CtorError>) -> Option<&T> {
+    pub fn try_get_or_alloc_with(
+        &self,
+        obj: impl ShadowKey,
+        init: impl FnOnce() -> Result<T, CtorError>,
+    ) -> Option<&T> {
         self.create(obj.shadow_key(), init, true)
     }
 
@@ -205,7 +217,12 @@ impl<T: Send + Sync + 'static> Shadow<T> {
         self.get_or_alloc_with(obj, T::default)
     }
 
-    fn create<F: FnOnce() -> Result<T, CtorError>>(&self, obj: *const c_void, init: F, or_get: bool) -> Option<&T> {
+    fn create<F: FnOnce() -> Result<T, CtorError>>(
+        &self,
+        obj: *const c_void,
+        init: F,
+        or_get: bool,
+    ) -> Option<&T> {
         let mut init = Some(init);
         let ctor_data = (&mut init as *mut Option<F>).cast::<c_void>();
         let size = core::mem::size_of::<T>();
@@ -257,7 +274,9 @@ unsafe extern "C" fn ctor_trampoline<T, F: FnOnce() -> Result<T, CtorError>>(
 ) -> c_int {
     // SAFETY: `create` passes a pointer to its live `Option<F>` as ctor_data.
     let slot = unsafe { &mut *ctor_data.cast::<Option<F>>() };
-    let Some(init) = slot.take() else { return -libc_einval() };
+    let Some(init) = slot.take() else {
+        return -libc_einval();
+    };
     match init() {
         Ok(value) => {
             // SAFETY: `data` is size_of::<T>() bytes, 16-aligned (≥ align_of::<T>(), checked in

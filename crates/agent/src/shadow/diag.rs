@@ -44,7 +44,10 @@ impl Diag {
     }
 
     pub(crate) fn counts(&self) -> DiagCounts {
-        DiagCounts { raised: self.raised.load(Relaxed), suppressed: self.suppressed.load(Relaxed) }
+        DiagCounts {
+            raised: self.raised.load(Relaxed),
+            suppressed: self.suppressed.load(Relaxed),
+        }
     }
 
     /// Raises one diagnostic: prints `relive-agent[PID]: shadow: <args>` unless rate-limited.
@@ -53,12 +56,17 @@ impl Diag {
         let now = monotonic_ns();
         let start = self.window_start.load(Relaxed);
         if now.saturating_sub(start) >= WINDOW_NS
-            && self.window_start.compare_exchange(start, now, Relaxed, Relaxed).is_ok()
+            && self
+                .window_start
+                .compare_exchange(start, now, Relaxed, Relaxed)
+                .is_ok()
         {
             self.in_window.store(0, Relaxed);
             let dropped = self.pending_suppressed.swap(0, Relaxed);
             if dropped > 0 {
-                write_line(format_args!("{dropped} shadow-variable diagnostics suppressed (rate limit)"));
+                write_line(format_args!(
+                    "{dropped} shadow-variable diagnostics suppressed (rate limit)"
+                ));
             }
         }
         if self.in_window.fetch_add(1, Relaxed) < BURST {
@@ -71,13 +79,18 @@ impl Diag {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     if rc != 0 {
         return 0;
     }
-    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
 }
 
 /// A fixed stack buffer that `core::fmt` writes into; overlong text is cut (and marked with `…`).
@@ -101,7 +114,11 @@ impl fmt::Write for LineBuf {
 }
 
 fn write_line(args: fmt::Arguments<'_>) {
-    let mut line = LineBuf { buf: [0; 320], len: 0, cut: false };
+    let mut line = LineBuf {
+        buf: [0; 320],
+        len: 0,
+        cut: false,
+    };
     // SAFETY: getpid has no preconditions and cannot fail.
     let pid = unsafe { libc::getpid() };
     let _ = write!(line, "relive-agent[{pid}]: shadow: ");
