@@ -109,7 +109,8 @@ pub fn init_image_addr() -> u64 {
                 return 0;
             }
             if let Some(t) = phdrs.iter().find(|p| p.p_type == libc::PT_TLS) {
-                f.out = base as u64 + t.p_vaddr + dtpoff();
+                // Wrapping: in an executable (a test binary linking the rlib) DTPOFF is no image offset.
+                f.out = (base as u64).wrapping_add(t.p_vaddr).wrapping_add(dtpoff());
             }
             1
         }
