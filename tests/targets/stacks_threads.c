@@ -109,8 +109,11 @@ __attribute__((noinline)) void vdso_loop(void) {
 }
 static void *vdso_main(void *a) { (void)a; prctl(PR_SET_NAME, "vdso"); vdso_loop(); return NULL; }
 
-int main(void) {
+/* argv[1] == "blocked-only": leave out the busy and vDSO threads, so every thread stays put while
+ * gdb and relive look at it one after the other (the cross-check). */
+int main(int argc, char **argv) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
+    int blocked_only = argc > 1 && strcmp(argv[1], "blocked-only") == 0;
 #ifdef PR_SET_PTRACER
     prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
 #endif
@@ -119,8 +122,10 @@ int main(void) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_sigusr1;
     sigaction(SIGUSR1, &sa, NULL);
-    void *(*fns[])(void *) = {sleeper_main, reader_main, futex_main, poller_main, busy_main, recurse_main, vdso_main};
-    int n = sizeof fns / sizeof fns[0];
+    void *(*all[])(void *) = {sleeper_main, reader_main, futex_main, poller_main, recurse_main, busy_main, vdso_main};
+    void *(**fns)(void *) = all;
+    int n = sizeof all / sizeof all[0];
+    if (blocked_only) n -= 2;
     pthread_t t;
     for (int i = 0; i < n; i++) pthread_create(&t, NULL, fns[i], NULL);
     pthread_t st;

@@ -230,6 +230,18 @@ impl SymbolTable {
         Some((s, off))
     }
 
+    /// Names of every function symbol at exactly `addr` (aliases such as `__GI___libc_read`,
+    /// `__read`, `read`).
+    pub fn names_at(&self, addr: Svma) -> Vec<&str> {
+        let lo = self.by_addr.partition_point(|&i| self.symbols[i].addr < addr);
+        self.by_addr[lo..]
+            .iter()
+            .map(|&i| &self.symbols[i])
+            .take_while(|s| s.addr == addr)
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
     /// Every function symbol named `name`, in table order (SPEC D5's occurrence order).
     pub fn functions_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Symbol> + 'a {
         self.symbols

@@ -17,7 +17,7 @@ pub enum ProcError {
     #[error("no process with pid {pid} (/proc/{pid} does not exist); check the pid with `ps` or `pgrep`")]
     NoSuchProcess { pid: i32 },
     /// Not allowed to trace or read the target.
-    #[error("permission denied: cannot {op} {}: {hint}", who(*pid, *tid))]
+    #[error("permission denied: cannot {op} of {}: {hint}", who(*pid, *tid))]
     Permission {
         pid: i32,
         tid: Option<i32>,
@@ -93,6 +93,21 @@ impl ProcError {
     pub fn is_permission(&self) -> bool {
         matches!(self, ProcError::Permission { .. })
     }
+}
+
+/// Whether the process, or thread `tid` of it, is gone, a zombie, or dead.
+pub fn is_dead_or_dying(pid: i32, tid: Option<i32>) -> bool {
+    let state = |path: String| {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| crate::threads::parse_stat(&b))
+            .map(|s| s.state)
+    };
+    let gone = |s: Option<char>| matches!(s, None | Some('Z') | Some('X') | Some('x'));
+    if gone(state(format!("/proc/{pid}/stat"))) {
+        return true;
+    }
+    tid.is_some_and(|t| gone(state(format!("/proc/{pid}/task/{t}/stat"))))
 }
 
 /// Whether `/proc/PID` exists (a zombie still does).

@@ -253,6 +253,22 @@ impl ProcessImage {
         }
     }
 
+    /// Every name of the function containing `avma` (its aliases), demangled; empty if none.
+    pub fn function_aliases(&self, avma: Avma) -> Vec<String> {
+        let Some(m) = self.module_for(avma) else {
+            return Vec::new();
+        };
+        match m.symbols.lookup(avma.to_svma(m.bias)) {
+            Some((s, _)) => m
+                .symbols
+                .names_at(s.addr)
+                .into_iter()
+                .map(relive_elf::demangle)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Resolves `(object, name, sympos)` (SPEC D5) to the symbol and its AVMA.
     pub fn resolve(
         &self,

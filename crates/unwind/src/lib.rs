@@ -314,7 +314,7 @@ impl Unwinder {
         if let Some(off) = self.trampoline_offset(start.ip) {
             frames.push(Frame {
                 pc: start.ip,
-                kind: FrameKind::Live,
+                kind: FrameKind::SignalTrampoline,
             });
             let _ = off;
             let (ip, sp, bp) = self.signal_frame(start.ip, start.sp, reader)?;
@@ -373,7 +373,7 @@ impl Unwinder {
                         }
                         frames.push(Frame {
                             pc: ra,
-                            kind: FrameKind::Live,
+                            kind: FrameKind::SignalTrampoline,
                         });
                         let sp = regs.sp();
                         let uc = sp;
