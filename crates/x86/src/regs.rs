@@ -344,7 +344,7 @@ pub fn encode_preserving_thunk(
     let n = stack_arg_bytes.div_ceil(8);
     let v = vecs.len() as u32 * width.bytes();
     // At entry rsp ≡ 8 (mod 16); at the call it must be ≡ 0: 8k + v + pad + 8n ≡ 8 (mod 16).
-    let pad = if (8 * k + 8 * n) % 16 == 0 { 8 } else { 0 };
+    let pad = if (8 * k + 8 * n).is_multiple_of(16) { 8 } else { 0 };
     let area = v + pad;
     let frame = 8 * k + area + 8 * n;
 
