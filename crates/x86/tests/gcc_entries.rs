@@ -10,6 +10,9 @@ use relive_testkit::compile_c;
 use relive_x86::*;
 
 fn fixture(name: &str, flags: &[&str]) -> PathBuf {
+    // compile_c's temporary name is per process, not per thread: serialise the tests of this file.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/entries.c");
     compile_c(name, &[src.to_str().unwrap()], flags)
 }
