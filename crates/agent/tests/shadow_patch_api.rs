@@ -14,16 +14,21 @@ use relive_patch::shadow::{self, CtorError, Shadow};
 
 /// Pulls the agent's exports into this binary (nothing else here names relive_agent, so the
 /// linker would otherwise leave its rlib out and relive-patch's undefined symbols unresolved).
+type GetFn = extern "C" fn(*const c_void, u64) -> *mut c_void;
 type AllocFn = unsafe extern "C" fn(*const c_void, u64, usize, u32, Option<Ctor>, *mut c_void) -> *mut c_void;
-#[used]
-static AGENT_EXPORTS: (
-    extern "C" fn(*const c_void, u64) -> *mut c_void,
+type FreeFn = unsafe extern "C" fn(*const c_void, u64, Option<Dtor>);
+type FreeAllFn = unsafe extern "C" fn(u64, Option<Dtor>);
+#[allow(dead_code)] // never read: it only makes the linker keep the exports
+struct Exports(
+    GetFn,
     AllocFn,
     AllocFn,
-    unsafe extern "C" fn(*const c_void, u64, Option<Dtor>),
-    unsafe extern "C" fn(u64, Option<Dtor>),
+    FreeFn,
+    FreeAllFn,
     extern "C" fn() -> usize,
-) = (
+);
+#[used]
+static AGENT_EXPORTS: Exports = Exports(
     ffi::relive_shadow_get,
     ffi::relive_shadow_alloc,
     ffi::relive_shadow_get_or_alloc,

@@ -1,0 +1,139 @@
+//! Live: a C target (tests/targets/shadow_conn.c) preloaded with librelive_agent.so attaches a
+//! per-connection counter to its own structs through the exported shadow C ABI
+//! (include/relive_shadow.h, weak symbols bound to the agent), from 6 threads and from signal
+//! handlers, then frees everything (SPEC §7 SV1–SV6; issue 6).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use relive_testkit::{GuardedChild, compile_c, spawn_guarded};
+
+const FLAGS: &[&str] = &[
+    "-O2",
+    "-g",
+    "-pthread",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fcf-protection",
+];
+const LINE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The agent cdylib cargo built next to this test binary (target/<profile>/librelive_agent.so).
+fn agent_so() -> PathBuf {
+    if let Some(p) = std::env::var_os("RELIVE_AGENT") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    let so = profile_dir.join("librelive_agent.so");
+    assert!(
+        so.is_file(),
+        "{} is missing: build it with `cargo build -p relive-agent` (or set RELIVE_AGENT)",
+        so.display()
+    );
+    so
+}
+
+fn target() -> PathBuf {
+    compile_c("shadow_conn", &["shadow_conn.c"], FLAGS)
+}
+
+fn next(child: &GuardedChild, what: &str) -> String {
+    let line = child
+        .next_line(LINE_TIMEOUT)
+        .unwrap_or_else(|| panic!("target pid {} printed no {what} line", child.pid()));
+    assert!(!line.starts_with("FAIL"), "target pid {}: {line}", child.pid());
+    line
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+#[test]
+fn live_c_target_uses_shadow_abi_per_connection_counters() {
+    let exe = target();
+    let so = agent_so();
+    let stderr_path = std::env::temp_dir().join(format!("relive-shadow-live-{}.stderr", std::process::id()));
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let mut cmd = Command::new(&exe);
+    cmd.arg("2000").env("LD_PRELOAD", &so).stderr(stderr);
+    let mut child =
+        spawn_guarded(cmd, "ready", relive_testkit::READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let pid = child.pid();
+
+    let sv2 = next(&child, "sv2");
+    assert!(sv2.starts_with("sv2 empty ok"), "{sv2}");
+    let base: usize = field(&sv2, "base").parse().unwrap();
+    assert_eq!(base, 0, "a fresh process has no shadow variables");
+
+    let sv4 = next(&child, "sv4");
+    assert!(sv4.starts_with("sv4 counters ok"), "{sv4}");
+    assert_eq!(
+        field(&sv4, "ctor_calls"),
+        "256",
+        "one ctor per connection across 6 threads: {sv4}"
+    );
+    assert_eq!(field(&sv4, "requests_per_conn"), "12000");
+    assert_eq!(
+        field(&sv4, "handler_bad"),
+        "0",
+        "get in a signal handler returned foreign data"
+    );
+    assert!(
+        field(&sv4, "handler_hits").parse::<u64>().unwrap() > 0,
+        "no handler ran: {sv4}"
+    );
+
+    let dup = next(&child, "sv3 duplicate");
+    assert!(dup.starts_with("sv3 duplicate") && dup.ends_with("null"), "{dup}");
+    let (obj, id) = (field(&dup, "obj").to_string(), field(&dup, "id").to_string());
+    let sv3 = next(&child, "sv3");
+    assert_eq!(sv3, "sv3 ok count=257");
+
+    let sv6 = next(&child, "sv6");
+    assert_eq!(
+        sv6, "sv6 ok ctor_calls=256 dtor_calls=256 count_after=0",
+        "nothing may leak"
+    );
+    assert_eq!(next(&child, "done"), "done");
+    let status = child.child_mut().wait().expect("wait");
+    assert!(status.success(), "target pid {pid} exited with {status}");
+
+    // The agent's diagnostics, rate-limited, name the object and the id (SV3).
+    let err = std::fs::read_to_string(&stderr_path).unwrap();
+    let _ = std::fs::remove_file(&stderr_path);
+    let want = format!("relive-agent[{pid}]: shadow: Duplicate shadow variable <{obj}, {id}>");
+    assert!(err.contains(&want), "stderr lacks {want:?}:\n{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with(&format!(
+            "relive-agent[{pid}]: shadow: Failed to construct shadow variable <0x"
+        )) && l.ends_with(", 0x746167> (-12)")),
+        "stderr lacks the failed-ctor line:\n{err}"
+    );
+}
+
+/// The same program without the agent finds no shadow functions: the ABI really comes from the
+/// preloaded librelive_agent.so (and the test above can fail).
+#[test]
+fn live_c_target_without_agent_reports_missing_abi() {
+    let exe = target();
+    let mut cmd = Command::new(&exe);
+    cmd.arg("1").env_remove("LD_PRELOAD");
+    // The readiness line is the refusal itself.
+    let mut child = spawn_guarded(
+        cmd,
+        "agent missing: relive_shadow_* not found",
+        relive_testkit::READY_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let status = child.child_mut().wait().expect("wait");
+    assert_eq!(status.code(), Some(2), "{status}");
+}
