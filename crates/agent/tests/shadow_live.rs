@@ -20,23 +20,22 @@ const FLAGS: &[&str] = &[
 ];
 const LINE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The agent cdylib cargo built next to this test binary (target/<profile>/librelive_agent.so).
+/// The agent cdylib cargo built with this test binary: `target/<profile>/deps/librelive_agent.so`
+/// (built together with the rlib this test links, so it is never stale; cargo copies it up to
+/// `target/<profile>/` only for `cargo build`), else `target/<profile>/librelive_agent.so`.
 fn agent_so() -> PathBuf {
     if let Some(p) = std::env::var_os("RELIVE_AGENT") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps/<test>");
-    let so = profile_dir.join("librelive_agent.so");
-    assert!(
-        so.is_file(),
-        "{} is missing: build it with `cargo build -p relive-agent` (or set RELIVE_AGENT)",
-        so.display()
-    );
-    so
+    let deps = exe.parent().expect("target/<profile>/deps");
+    let candidates = [
+        deps.join("librelive_agent.so"),
+        deps.join("../librelive_agent.so"),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("librelive_agent.so not found in {candidates:?}: build it with `cargo build -p relive-agent` (or set RELIVE_AGENT)")
+    })
 }
 
 fn target() -> PathBuf {
