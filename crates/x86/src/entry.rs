@@ -139,6 +139,14 @@ impl EntryWrite {
     }
 }
 
+/// What [`EntryPlan::direct_jump`] asks the driver to do: fill the near stub (if any) first, then the writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectJump {
+    /// `(address, bytes)` of the absolute jump to place in the stub page, when the target is out of reach.
+    pub stub: Option<(u64, [u8; 14])>,
+    pub writes: Vec<EntryWrite>,
+}
+
 /// `jmp rel32` at `at` to `target`.
 pub fn encode_jmp_rel32(at: u64, target: u64) -> Result<[u8; 5], EncodeError> {
     let d = rel(at + 5, target).ok_or_else(|| EncodeError::OutOfRange {
@@ -225,6 +233,7 @@ pub fn analyze_entry(func: FunctionBytes<'_>, ctx: &EntryContext<'_>) -> Result<
     let pad: Vec<&Instruction> = instrs[first..].iter().take_while(|i| is_nop(i)).collect();
     let pad_len: u64 = pad.iter().map(|i| i.len() as u64).sum();
     let pre_pad_ok = ctx.pre_pad.len() >= JMP_REL32_LEN
+        && addr >= ctx.pre_pad.len() as u64
         && decode_all(addr - ctx.pre_pad.len() as u64, ctx.pre_pad).is_ok_and(|v| v.iter().all(is_nop));
 
     let boundaries_in = |lo: u64, hi: u64| -> Vec<u64> {
@@ -576,6 +585,24 @@ impl EntryPlan {
             EntryKind::PrePad { far_site, .. } => *far_site,
             _ => self.site,
         }
+    }
+
+    /// The completion of a transition (DESIGN.md §1, §4.4): the entry, now jumping to `current` (a
+    /// dispatcher), jumps straight to `target`, with one `jmp rel32` when it reaches, else through the
+    /// 14-byte absolute jump of [`encode_abs_jump`] placed at `near_stub` (which must lie within
+    /// [`EntryPlan::stub_window`]): two jumps.
+    pub fn direct_jump(&self, current: u64, target: u64, near_stub: u64) -> Result<DirectJump, EncodeError> {
+        if self.reaches(target) {
+            return Ok(DirectJump {
+                stub: None,
+                writes: self.retarget(current, target)?,
+            });
+        }
+        let writes = self.retarget(current, near_stub)?;
+        Ok(DirectJump {
+            stub: Some((near_stub, encode_abs_jump(target))),
+            writes,
+        })
     }
 
     /// True if the entry's `jmp rel32` reaches `dest` directly.

@@ -68,8 +68,9 @@ mod reloc;
 mod stub;
 
 pub use entry::{
-    ENDBR64, EntryContext, EntryKind, EntryPlan, EntryWrite, FunctionBytes, JMP_REL8_LEN, JMP_REL32_LEN,
-    ReadData, analyze_entry, encode_abs_jump, encode_jmp_rel8, encode_jmp_rel32, rel32_reaches,
+    DirectJump, ENDBR64, EntryContext, EntryKind, EntryPlan, EntryWrite, FunctionBytes, JMP_REL8_LEN,
+    JMP_REL32_LEN, ReadData, analyze_entry, encode_abs_jump, encode_jmp_rel8, encode_jmp_rel32,
+    rel32_reaches,
 };
 pub use error::{ClobberError, EncodeError, EntryError};
 pub use int3::{INT3, Int3Plan, Int3Step, int3_protocol, int3_state_after};

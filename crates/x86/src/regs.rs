@@ -311,6 +311,11 @@ pub struct Thunk {
 /// callee finds them where it expects, calls `target` with `rsp` 16-byte aligned, restores, and returns to
 /// the caller. It changes no register outside `preserve` other than the flags and what `target` returns.
 /// Only rsp-relative pushes and moves are used: no scratch register is needed.
+///
+/// `stack_arg_bytes`: how much the function takes on the stack (arguments beyond the six integer and eight
+/// vector registers, structs passed by value); 0 for most functions. Copying more than needed is harmless
+/// (it reads the caller's frame), so when it is unknown pass a generous bound such as 64. The thunk's
+/// frame has no CFI: the unwinder uses `return_offset` and `caller_ra_offset` to step through it.
 pub fn encode_preserving_thunk(
     at: u64,
     target: u64,

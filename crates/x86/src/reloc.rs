@@ -16,6 +16,25 @@ pub struct Relocated {
     pub code: Vec<u8>,
     /// For each input instruction, its offset in `code` (the jump back, if any, follows the last one).
     pub new_offsets: Vec<u32>,
+    /// For each input instruction, its original address.
+    pub original_ips: Vec<u64>,
+}
+
+impl Relocated {
+    /// The original address of the instruction whose relocated copy starts at `pc`, if any: for reports
+    /// and for the unwinder (a PC in an old-path copy means the original function is active, DESIGN.md §4.5).
+    pub fn original_pc(&self, pc: u64) -> Option<u64> {
+        let off = u32::try_from(pc.checked_sub(self.ip)?).ok()?;
+        self.new_offsets
+            .iter()
+            .position(|&o| o == off)
+            .map(|i| self.original_ips[i])
+    }
+
+    /// True if `pc` lies inside the relocated code.
+    pub fn contains(&self, pc: u64) -> bool {
+        pc >= self.ip && pc < self.ip + self.code.len() as u64
+    }
 }
 
 /// Decodes `bytes` at `ip` into instructions. Returns the address of the first undecodable byte on error.
@@ -77,6 +96,7 @@ pub fn relocate(
         ip: new_ip,
         code: res.code_buffer,
         new_offsets: new_offsets[..instructions.len()].to_vec(),
+        original_ips: instructions.iter().map(Instruction::ip).collect(),
     })
 }
 

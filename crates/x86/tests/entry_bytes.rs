@@ -393,3 +393,57 @@ fn t_x86_4_3a_unknown_code_means_all() {
     let e = clobbered_registers(f(&[0xe8, 0, 1, 0, 0, 0xc3]), &mut bad).unwrap_err();
     assert!(e.to_string().contains("broken"), "{e}");
 }
+
+#[test]
+fn t_x86_4_4_direct_jump_after_completion() {
+    let a = 0x5555_0000_0000u64;
+    let mut b = ENDBR64.to_vec();
+    b.extend([0x0f, 0x1f, 0x44, 0x00, 0x00, 0x8d, 0x47, 0x01, 0xc3]);
+    let p = analyze_entry(
+        FunctionBytes {
+            name: "inc",
+            addr: a,
+            bytes: &b,
+        },
+        &EntryContext::default(),
+    )
+    .unwrap();
+    let disp = a - 0x1000;
+    // Near: one jmp rel32, no stub.
+    let near = p.direct_jump(disp, a + 0x4000_0000, disp + 0x80).unwrap();
+    assert_eq!(near.stub, None);
+    assert_eq!(
+        near.writes[0].bytes,
+        encode_jmp_rel32(a + 4, a + 0x4000_0000).unwrap().to_vec()
+    );
+    assert_eq!(
+        near.writes[0].expect,
+        encode_jmp_rel32(a + 4, disp).unwrap().to_vec()
+    );
+    // Far (a patch library 40 GiB away): entry → near stub → absolute jump.
+    let far = a + (40u64 << 30);
+    let dj = p.direct_jump(disp, far, disp + 0x80).unwrap();
+    assert_eq!(dj.stub, Some((disp + 0x80, encode_abs_jump(far))));
+    assert_eq!(
+        dj.writes[0].bytes,
+        encode_jmp_rel32(a + 4, disp + 0x80).unwrap().to_vec()
+    );
+    let i = decode_all(disp + 0x80, &encode_abs_jump(far)[..6]).unwrap()[0];
+    assert_eq!(
+        i.ip_rel_memory_address(),
+        disp + 0x80 + 6,
+        "the pointer follows the jmp"
+    );
+}
+
+#[test]
+fn t_x86_4_5_old_path_pcs_map_back() {
+    let p = analyze(&FRAME).unwrap();
+    let stub = A + 0x10_0000;
+    let r = p.encode_old_path(stub).unwrap();
+    assert_eq!(r.original_pc(stub), Some(A));
+    assert_eq!(r.original_pc(stub + 1), Some(A + 1));
+    assert_eq!(r.original_pc(stub + 4), Some(A + 4));
+    assert_eq!(r.original_pc(stub + 8), None, "the jump back has no original");
+    assert!(r.contains(stub + 8) && !r.contains(stub + r.code.len() as u64));
+}

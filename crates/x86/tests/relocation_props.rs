@@ -395,6 +395,10 @@ fn check(ops: &[Op], base: u64, new_ip: u64) -> Result<(), TestCaseError> {
         back: end,
     };
     for i in 0..instrs.len() {
+        prop_assert_eq!(
+            r.original_pc(new_ip + r.new_offsets[i] as u64),
+            Some(instrs[i].ip())
+        );
         let want = orig_effect(&instrs, i, end);
         let got = rel.effect(i, &instrs[i]);
         prop_assert_eq!(
