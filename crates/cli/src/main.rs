@@ -4,6 +4,7 @@
 //! with `--json`, stdout carries one JSON document and nothing else; progress and logs go to stderr.
 
 mod cmd;
+mod driver;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Load a patch into a running process, enable it, and wait until every thread switched.
+    #[command(after_help = cmd::apply::EXAMPLES)]
+    Apply(cmd::apply::Args),
+    /// Disable an active patch; on the patch in transition, reverse that transition.
+    #[command(after_help = cmd::disable::EXAMPLES)]
+    Disable(cmd::disable::Args),
+    /// Wait for, or drive, the pending transition of a process.
+    #[command(after_help = cmd::transition::EXAMPLES)]
+    Transition(cmd::transition::Args),
+    /// Force the pending transition: switch every remaining thread without a stack check.
+    #[command(after_help = cmd::force::EXAMPLES)]
+    Force(cmd::force::Args),
+    /// Run every check of `apply` without changing anything; one verdict per function.
+    #[command(after_help = cmd::check::EXAMPLES)]
+    Check(cmd::check::Args),
+    /// Patch a bundled sample service live, show the change, revert it.
+    #[command(after_help = cmd::demo::EXAMPLES)]
+    Demo(cmd::demo::Args),
     /// Show every thread of a process with its symbolized, reliability-checked stack.
     #[command(after_help = cmd::stacks::EXAMPLES)]
     Stacks(cmd::stacks::Args),
@@ -35,6 +54,12 @@ fn main() {
     let ctx = output::Ctx { json: cli.json };
     let result = match cli.command {
         Command::Stacks(args) => cmd::stacks::run(&ctx, args),
+        Command::Apply(args) => cmd::apply::run(&ctx, args),
+        Command::Disable(args) => cmd::disable::run(&ctx, args),
+        Command::Transition(args) => cmd::transition::run(&ctx, args),
+        Command::Force(args) => cmd::force::run(&ctx, args),
+        Command::Check(args) => cmd::check::run(&ctx, args),
+        Command::Demo(args) => cmd::demo::run(&ctx, args),
     };
     std::process::exit(output::finish(&ctx, result));
 }

@@ -9,6 +9,7 @@ pub mod exit {
     /// An error: the operation could not be carried out (bad pid, permissions, target died, I/O).
     pub const ERROR: i32 = 1;
     /// Usage error (clap's own code).
+    #[allow(dead_code)] // clap exits with it itself; kept for the documentation
     pub const USAGE: i32 = 2;
     /// Refusal: relive checked the request and declined it (conflict, incompatible state, bad patch,
     /// unpatchable prologue, busy). The target is unchanged.

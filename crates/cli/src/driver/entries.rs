@@ -1,0 +1,413 @@
+//! Entries and stubs (DESIGN §4.3, §4.4): the stub page of each patched function, the dispatchers, and the
+//! entry writes, all done in one brief stop-all window whose PC check covers every frame of every thread,
+//! PCs saved in signal frames included (PAUSE-FREE.md §2).
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use relive_core::{Code, EntryTarget, FuncId};
+use relive_proc::PageCacheReader;
+use relive_unwind::{FrameKind, StartRegs};
+use relive_x86::{
+    Direction, Dispatch, EntryWrite, StateWidth, TlsSlot, encode_abs_jump, encode_dispatcher, rel32_reaches,
+};
+
+use super::doc::{
+    ABSJMP_OFF, DISPATCH_OFF, EntryRec, OLD_PATH_MAX, OLD_PATH_OFF, PlanRec, STUB_CODE_END, STUB_PAGE,
+};
+use super::session::{Session, proc_err};
+use super::{Fail, progress::Progress};
+
+/// What one stop-all window must do.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Stub code written into slots no entry leads to (dispatchers, absolute jumps), before the entries.
+    pub stub_writes: Vec<(u64, Vec<u8>)>,
+    /// Entry writes, in order (each at most 8 bytes: one `pwrite`).
+    pub writes: Vec<(FuncId, EntryWrite)>,
+    /// Code no thread may be executing (or have saved in a frame) while the window writes.
+    pub guards: Vec<Range<u64>>,
+    /// The new value of each touched entry's `current`.
+    pub currents: Vec<(FuncId, u64)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.stub_writes.is_empty() && self.writes.is_empty()
+    }
+}
+
+/// Statistics of one stop-all window.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Window {
+    pub threads: usize,
+    /// Attempts needed (a blocked PC check resumes everything and retries).
+    pub attempts: u32,
+    /// Microseconds from the first stop to the last resume of the successful attempt.
+    pub window_us: u64,
+}
+
+/// Makes sure `func` has a stub page near its entry, with the old-path copy written, and returns its record.
+/// The page is new, so no thread can be in it: it is filled without any stop.
+pub fn ensure_stub(s: &mut Session, func: &FuncId, plan: &relive_x86::EntryPlan) -> Result<(), Fail> {
+    if s.doc.entry(func).is_some() {
+        return Ok(());
+    }
+    let pid = s.pid;
+    let near = plan.site;
+    let page = s
+        .conn
+        .map_stubs(near, STUB_PAGE)
+        .map_err(|e| Fail::Error(anyhow!(e)))?;
+    if page < plan.stub_window.start || page + STUB_PAGE > plan.stub_window.end {
+        let _ = s.conn.unmap(page, STUB_PAGE);
+        return Err(Fail::Error(anyhow!(
+            "the stub page for {} (entry {:#x}) in pid {pid} landed at {page:#x}, outside the reachable window \
+             {:#x}..{:#x}; the address space near the function is full",
+            plan.function,
+            plan.site,
+            plan.stub_window.start,
+            plan.stub_window.end
+        )));
+    }
+    let old_path = match plan.old_path_direct() {
+        Some(a) => a,
+        None => {
+            let at = page + OLD_PATH_OFF;
+            let r = plan
+                .encode_old_path(at)
+                .map_err(|e| Fail::Refused(anyhow!("pid {pid}: {e}")))?;
+            if r.code.len() as u64 > OLD_PATH_MAX {
+                return Err(Fail::Refused(anyhow!(
+                    "the relocated prologue of {} in pid {pid} is {} bytes, more than the {OLD_PATH_MAX} a stub holds",
+                    plan.function,
+                    r.code.len()
+                )));
+            }
+            relive_proc::write_code(pid, at, &r.code)
+                .map_err(|e| proc_err(pid, "cannot fill a stub page", e))?;
+            at
+        }
+    };
+    s.doc.entries.push(EntryRec {
+        func: func.clone(),
+        plan: PlanRec::from(plan),
+        stub: page,
+        old_path,
+        current: 0,
+    });
+    s.doc
+        .model
+        .register_stub(func, relive_core::Range::new(page, page + STUB_CODE_END))
+        .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+    s.unwinder.add_code_range(
+        page..page + STUB_CODE_END,
+        format!("relive stub of {}", func.name),
+    );
+    Ok(())
+}
+
+/// Reads where an entry's jump points now (0: the original bytes), from the target's memory: the truth after
+/// a controller was killed between writing the document and writing the entry.
+pub fn actual_current(s: &Session, rec: &EntryRec) -> Result<u64, Fail> {
+    let plan = rec.plan.plan();
+    let at = plan.jump_site();
+    let mut b = [0u8; 5];
+    relive_proc::read_memory(s.pid, at, &mut b).map_err(|e| proc_err(s.pid, "cannot read an entry", e))?;
+    let original: &[u8] = match &rec.plan.kind {
+        super::doc::KindRec::PrePad { far_original, .. } => far_original,
+        _ => &rec.plan.original,
+    };
+    if b[..] == original[..5.min(original.len())] {
+        return Ok(0);
+    }
+    if b[0] == 0xe9 {
+        let rel = i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as i64;
+        return Ok((at as i64 + 5 + rel) as u64);
+    }
+    Err(Fail::Error(anyhow!(
+        "the entry of {} at {at:#x} in pid {} holds {b:02x?}: neither its original bytes nor a jump relive wrote; \
+         another tool changed it (a debugger breakpoint, a uprobe, another patcher); remove it and retry",
+        rec.plan.function,
+        s.pid
+    )))
+}
+
+fn code_addr(s: &Session, rec: &EntryRec, code: &Code) -> Result<u64, Fail> {
+    match code {
+        Code::Original => Ok(rec.old_path),
+        Code::New { patch, .. } => s
+            .doc
+            .patch(patch)
+            .and_then(|p| p.entry_point(&rec.func))
+            .ok_or_else(|| {
+                Fail::Error(anyhow!(
+                    "pid {}: patch {patch} has no loaded version of {}",
+                    s.pid,
+                    rec.func.name
+                ))
+            }),
+    }
+}
+
+/// Plans the writes that make every entry in `targets` lead where the model says.
+pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batch, Fail> {
+    let mut b = Batch::default();
+    for (func, target) in targets {
+        let rec = s.doc.entry(func).ok_or_else(|| {
+            Fail::Error(anyhow!(
+                "pid {}: no stub page was prepared for {} (internal error)",
+                s.pid,
+                func.name
+            ))
+        })?;
+        let plan = rec.plan.plan();
+        let current = actual_current(s, rec)?;
+        let free = |offs: &[u64; 2], len: u64| -> u64 {
+            let a = rec.stub + offs[0];
+            if current >= a && current < a + len {
+                rec.stub + offs[1]
+            } else {
+                a
+            }
+        };
+        let dest = match target {
+            EntryTarget::Original => None,
+            EntryTarget::Direct { .. } => {
+                let to = code_addr(s, rec, &target.code_for(relive_core::PatchState::Idle))?;
+                if plan.reaches(to) {
+                    Some(to)
+                } else {
+                    let slot = free(&ABSJMP_OFF, 16);
+                    b.stub_writes.push((slot, encode_abs_jump(to).to_vec()));
+                    b.guards.push(slot..slot + 16);
+                    Some(slot)
+                }
+            }
+            EntryTarget::Dispatch {
+                patched,
+                unpatched,
+                idle,
+            } => {
+                let new_version = code_addr(s, rec, patched)?;
+                let old_version = code_addr(s, rec, unpatched)?;
+                let direction = if idle == unpatched {
+                    Direction::Patching
+                } else {
+                    Direction::Unpatching
+                };
+                let slot = free(&DISPATCH_OFF, 64);
+                let tls = TlsSlot {
+                    tpoff: i32::try_from(s.tpoff).map_err(|_| {
+                        Fail::Error(anyhow!(
+                            "pid {}: the agent's TLS offset {} does not fit 32 bits",
+                            s.pid,
+                            s.tpoff
+                        ))
+                    })?,
+                    width: StateWidth::Qword,
+                    patched: s.slot_value(relive_core::PatchState::Patched) as u32,
+                    unpatched: s.slot_value(relive_core::PatchState::Unpatched) as u32,
+                };
+                let d = Dispatch {
+                    slot: tls,
+                    direction,
+                    new_version,
+                    old_version,
+                };
+                let code =
+                    encode_dispatcher(slot, &d).map_err(|e| Fail::Error(anyhow!("pid {}: {e}", s.pid)))?;
+                b.stub_writes.push((slot, code));
+                b.guards.push(slot..slot + 64);
+                Some(slot)
+            }
+        };
+        let writes = match (current, dest) {
+            (0, None) => Ok(vec![]),
+            (0, Some(d)) => plan.install(d),
+            (c, None) => plan.restore(c),
+            (c, Some(d)) if c == d => Ok(vec![]),
+            (c, Some(d)) => plan.retarget(c, d),
+        }
+        .map_err(|e| Fail::Error(anyhow!("pid {}: {e}", s.pid)))?;
+        debug_assert!(dest.is_none_or(|d| rel32_reaches(plan.jump_site(), d)));
+        for w in writes {
+            b.writes.push((func.clone(), w));
+        }
+        b.currents.push((func.clone(), dest.unwrap_or(0)));
+    }
+    Ok(b)
+}
+
+/// Whether any PC of this thread's stack forbids the batch now, and which.
+fn blocking_pc(b: &Batch, pcs: &[(u64, &FrameKind)]) -> Option<u64> {
+    for (pc, _kind) in pcs {
+        if b.writes.iter().any(|(_, w)| w.blocks_pc(*pc)) || b.guards.iter().any(|g| g.contains(pc)) {
+            return Some(*pc);
+        }
+    }
+    None
+}
+
+/// Runs the batch: stop every thread, check every PC (live, return addresses, PCs saved in signal frames),
+/// write stubs then entries, resume. A blocked check resumes everything and retries a little later.
+pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Result<Window, Fail> {
+    let pid = s.pid;
+    if b.is_empty() {
+        for (f, c) in &b.currents {
+            if let Some(e) = s.doc.entry_mut(f) {
+                e.current = *c;
+            }
+        }
+        return Ok(Window::default());
+    }
+    progress.step(&format!(
+        "writing {} entries under one stop of every thread",
+        b.writes.len()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let t0 = Instant::now();
+        let stopped = relive_proc::stop_all(pid).map_err(|e| proc_err(pid, "cannot stop the threads", e))?;
+        let mut blocked: Option<(i32, String)> = None;
+        let mut reader = PageCacheReader::new(pid);
+        for t in &stopped.threads {
+            let regs = t.regs().map_err(|e| proc_err(pid, "cannot read registers", e))?;
+            s.fs_base.insert(t.tid(), regs.fs_base);
+            reader.clear();
+            let stack = s.unwinder.unwind(
+                StartRegs {
+                    ip: regs.rip,
+                    sp: regs.rsp,
+                    bp: regs.rbp,
+                },
+                &mut reader,
+                s.max_depth,
+            );
+            let mut pcs: Vec<(u64, &FrameKind)> = stack.frames.iter().map(|f| (f.pc, &f.kind)).collect();
+            let live = FrameKind::Live;
+            pcs.push((regs.rip, &live));
+            if let Some(pc) = blocking_pc(b, &pcs) {
+                blocked = Some((t.tid(), format!("pc {pc:#x}")));
+                break;
+            }
+            if !stack.verdict.is_reliable() {
+                // A frame we could not see may be a signal frame holding an interior PC (PAUSE-FREE.md §2).
+                blocked = Some((t.tid(), format!("unreliable stack ({:?})", stack.verdict)));
+                break;
+            }
+        }
+        if let Some((tid, why)) = blocked {
+            stopped
+                .resume()
+                .map_err(|e| proc_err(pid, "cannot resume the threads", e))?;
+            if Instant::now() > deadline {
+                return Err(Fail::Error(anyhow!(
+                    "pid {pid}: for 30 s, thread {tid} kept blocking the entry writes ({why}); nothing was written; retry"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(500 + 200 * attempts.min(20) as u64));
+            continue;
+        }
+        let threads = stopped.threads.len();
+        for (at, code) in &b.stub_writes {
+            relive_proc::write_code(pid, *at, code).map_err(|e| proc_err(pid, "cannot write a stub", e))?;
+        }
+        for (func, w) in &b.writes {
+            let mut cur = vec![0u8; w.bytes.len()];
+            relive_proc::read_memory(pid, w.addr, &mut cur)
+                .map_err(|e| proc_err(pid, "cannot read an entry", e))?;
+            if cur == w.bytes {
+                continue;
+            }
+            if cur != w.expect {
+                let _ = stopped.resume();
+                return Err(Fail::Error(anyhow!(
+                    "the entry of {} at {:#x} in pid {pid} holds {cur:02x?}, expected {:02x?}; another tool changed it",
+                    func.name,
+                    w.addr,
+                    w.expect
+                )));
+            }
+            relive_proc::write_code(pid, w.addr, &w.bytes)
+                .map_err(|e| proc_err(pid, "cannot write an entry", e))?;
+        }
+        stopped
+            .resume()
+            .map_err(|e| proc_err(pid, "cannot resume the threads", e))?;
+        let window_us = t0.elapsed().as_micros() as u64;
+        for (f, c) in &b.currents {
+            if let Some(e) = s.doc.entry_mut(f) {
+                e.current = *c;
+            }
+        }
+        return Ok(Window {
+            threads,
+            attempts,
+            window_us,
+        });
+    }
+}
+
+/// Unmaps the stub pages of entries that hold their original bytes again and that no thread can be in
+/// (checked in one stop-all). Pages that cannot be retired now stay mapped and registered.
+pub fn retire_stubs(s: &mut Session) -> Result<(), Fail> {
+    let idle: Vec<EntryRec> = s
+        .doc
+        .entries
+        .iter()
+        .filter(|e| e.current == 0 && s.doc.model.entries().get(&e.func).is_none())
+        .cloned()
+        .collect();
+    if idle.is_empty() {
+        return Ok(());
+    }
+    let pid = s.pid;
+    let stopped = relive_proc::stop_all(pid).map_err(|e| proc_err(pid, "cannot stop the threads", e))?;
+    let mut reader = PageCacheReader::new(pid);
+    let mut busy: Vec<u64> = vec![];
+    for t in &stopped.threads {
+        let Ok(regs) = t.regs() else { continue };
+        reader.clear();
+        let stack = s.unwinder.unwind(
+            StartRegs {
+                ip: regs.rip,
+                sp: regs.rsp,
+                bp: regs.rbp,
+            },
+            &mut reader,
+            s.max_depth,
+        );
+        for e in &idle {
+            let r = e.stub..e.stub + STUB_PAGE;
+            let in_old_path = |pc: u64| (e.old_path..e.old_path + OLD_PATH_MAX).contains(&pc);
+            if r.contains(&regs.rip)
+                || in_old_path(regs.rip)
+                || stack.frames.iter().any(|f| r.contains(&f.pc))
+                || !stack.verdict.is_reliable()
+            {
+                busy.push(e.stub);
+            }
+        }
+    }
+    // Resume first: the agent's service thread, which unmaps, was stopped too. No entry leads to these pages
+    // any more, so no thread can enter them after the check.
+    stopped
+        .resume()
+        .map_err(|e| proc_err(pid, "cannot resume the threads", e))?;
+    for e in &idle {
+        if busy.contains(&e.stub) {
+            continue;
+        }
+        s.conn
+            .unmap(e.stub, STUB_PAGE)
+            .map_err(|err| Fail::Error(anyhow!(err)))?;
+        s.unwinder.remove_code_range(e.stub);
+        s.doc.model.unregister_stubs(&e.func);
+        s.doc.entries.retain(|x| x.stub != e.stub);
+    }
+    Ok(())
+}

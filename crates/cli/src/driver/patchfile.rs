@@ -1,0 +1,628 @@
+//! The patch file and every check `apply` makes before touching the target (DESIGN §3 steps 1–4): the
+//! manifest, objects and build-ids, D5 symbol resolution, relive-core's L1/K5/ST3 checks, and x86 entry
+//! analysis. `check` runs exactly these and reports them one verdict per func.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::anyhow;
+use relive_core::{CallbackSet, FuncId, FuncSpec, ObjectId, ObjectSpec, PatchSpec, Range};
+use relive_elf::manifest::{Manifest, ObjectDecl, read_manifest};
+use relive_elf::{Svma, SymbolTable};
+use relive_proc::{LoadedModule, ProcessImage};
+use relive_x86::{EntryContext, EntryPlan, FunctionBytes, FunctionCode, RegSet, VectorWidth};
+
+use super::doc::{Doc, FuncRec, ObjRec, PatchRec, THUNK_PAGE};
+use super::session::Session;
+use super::{CheckReport, Fail, FuncVerdict, Verdict};
+
+/// A patch file read from disk.
+pub struct PatchFile {
+    pub path: PathBuf,
+    pub name: String,
+    pub manifest: Manifest,
+    pub symbols: SymbolTable,
+}
+
+impl PatchFile {
+    pub fn read(path: &Path) -> Result<PatchFile, Fail> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Fail::Error(anyhow!("cannot read the patch file {}: {e}", path.display())))?;
+        let manifest = read_manifest(&bytes)
+            .map_err(|e| Fail::Refused(anyhow!("{} is not a usable relive patch: {e}", path.display())))?;
+        let symbols = SymbolTable::from_elf(&bytes, None);
+        let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        Ok(PatchFile {
+            path,
+            name: manifest.name.clone(),
+            manifest,
+            symbols,
+        })
+    }
+}
+
+/// One resolved func.
+pub struct Resolved {
+    pub func: FuncId,
+    pub decl: relive_elf::manifest::FuncDecl,
+    pub old: Range,
+    /// Registers the original preserves although the ABI lets it clobber them (DESIGN §4.3a).
+    pub preserve: RegSet,
+}
+
+pub struct PreparedObject {
+    pub decl: ObjectDecl,
+    pub id: ObjectId,
+    pub loaded: bool,
+    pub funcs: Vec<Resolved>,
+}
+
+/// Everything `apply` needs after the checks, and every problem found.
+#[derive(Default)]
+pub struct Prepared {
+    pub objects: Vec<PreparedObject>,
+    pub plans: Vec<(FuncId, EntryPlan)>,
+    /// (what, problem): general problems use the object or patch as `what`, func problems the func name.
+    pub problems: Vec<(String, String)>,
+    pub general: Vec<Verdict>,
+    pub func_notes: Vec<(String, String)>,
+    name_for_spec: String,
+    replace: bool,
+    stacking: bool,
+    states: Vec<(u64, u32)>,
+}
+
+impl Prepared {
+    pub fn refusals(&self) -> impl Iterator<Item = String> + '_ {
+        self.problems.iter().map(|(w, p)| format!("{w}: {p}"))
+    }
+
+    /// The spec with the new ranges of the loaded library.
+    pub fn spec(&self, rec: &PatchRec) -> PatchSpec {
+        self.spec_with(|f| {
+            rec.objects
+                .iter()
+                .flat_map(|o| o.funcs.iter())
+                .find(|r| r.func == *f)
+                .map(|r| Range::new(r.new_addr, r.new_addr + r.new_size.max(1)))
+        })
+    }
+
+    fn spec_with(&self, new: impl Fn(&FuncId) -> Option<Range>) -> PatchSpec {
+        let m = |o: &PreparedObject| {
+            let c = &o.decl.callbacks;
+            let cb = CallbackSet {
+                pre_patch: c.pre_patch.is_some(),
+                post_patch: c.post_patch.is_some(),
+                pre_unpatch: c.pre_unpatch.is_some(),
+                post_unpatch: c.post_unpatch.is_some(),
+            };
+            let mut spec = ObjectSpec::new(o.id.clone()).loaded(o.loaded).callbacks(cb);
+            if o.loaded {
+                for r in &o.funcs {
+                    let n = new(&r.func).unwrap_or(r.old);
+                    spec = spec.func(FuncSpec::new(&r.decl.old, r.old, n).sympos(r.decl.sympos));
+                }
+            } else {
+                for f in &o.decl.funcs {
+                    spec = spec.func(FuncSpec::unresolved(&f.old).sympos(f.sympos));
+                }
+            }
+            spec
+        };
+        let mut p = PatchSpec::new(&self.name_for_spec)
+            .replace(self.replace)
+            .stacking(self.stacking);
+        for o in &self.objects {
+            p = p.object(m(o));
+        }
+        for s in &self.states {
+            p = p.state(s.0, s.1);
+        }
+        p
+    }
+}
+
+// The spec's patch-level fields, kept on Prepared so that `spec` needs no manifest.
+impl Prepared {
+    fn set_patch(&mut self, m: &Manifest, allow_stacking: bool) {
+        self.name_for_spec = m.name.clone();
+        self.replace = m.replace;
+        self.stacking = m.stacking || allow_stacking;
+        self.states = m.states.iter().map(|s| (s.id, s.version)).collect();
+    }
+}
+
+fn module_for<'a>(image: &'a ProcessImage, decl: &ObjectDecl) -> Option<&'a LoadedModule> {
+    if decl.is_exe() {
+        image.main_module()
+    } else {
+        image.module_named(&decl.name)
+    }
+}
+
+fn function_bytes(m: &LoadedModule, addr: Svma, size: u64) -> Option<&[u8]> {
+    let off = m.image.svma_to_offset(addr)? as usize;
+    m.data.get(off..off + size as usize)
+}
+
+fn vector_width() -> (u32, VectorWidth) {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        (32, VectorWidth::Zmm)
+    } else if std::arch::is_x86_feature_detected!("avx") {
+        (16, VectorWidth::Ymm)
+    } else {
+        (16, VectorWidth::Xmm)
+    }
+}
+
+/// Runs every check of `apply` (DESIGN §3 steps 1–4) against the image and registry document, changing
+/// nothing. Problems are collected, not returned early, so `check` can list them all.
+pub fn prepare_with(
+    pid: i32,
+    image: &ProcessImage,
+    doc: &Doc,
+    pf: &PatchFile,
+    allow_stacking: bool,
+) -> Prepared {
+    let mut p = Prepared::default();
+    p.set_patch(&pf.manifest, allow_stacking);
+    let (nvec, _) = vector_width();
+    for decl in &pf.manifest.objects {
+        let Some(m) = module_for(image, decl) else {
+            let id = match &decl.build_id {
+                Some(b) => ObjectId::from_build_id(b).with_soname(&decl.name),
+                None => ObjectId::from_soname(&decl.name),
+            };
+            p.general.push(Verdict {
+                what: format!("object {}", decl.name),
+                ok: true,
+                detail: format!(
+                    "not loaded in pid {pid}: accepted; its funcs are patched when it loads (DESIGN §5)"
+                ),
+            });
+            p.objects.push(PreparedObject {
+                decl: decl.clone(),
+                id,
+                loaded: false,
+                funcs: vec![],
+            });
+            continue;
+        };
+        let have = m.image.build_id_hex();
+        let mut id = match &have {
+            Some(b) => ObjectId::from_build_id(b),
+            None => ObjectId::default(),
+        };
+        if let Some(so) = &m.image.soname {
+            id = id.with_soname(so);
+        }
+        id = id.with_path(&m.path);
+        let bid_ok = match (&decl.build_id, &have) {
+            (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if bid_ok {
+            p.general.push(Verdict {
+                what: format!("object {} build-id", decl.name),
+                ok: true,
+                detail: format!(
+                    "{} maps {} ({})",
+                    pid,
+                    m.path,
+                    have.as_deref().unwrap_or("no build-id, unpinned")
+                ),
+            });
+        } else {
+            let msg = format!(
+                "patch {} was built for build-id {} of {}, but pid {pid} maps {} with build-id {}; rebuild the patch \
+                 against the binary the process runs",
+                pf.name,
+                decl.build_id.as_deref().unwrap_or("?"),
+                decl.name,
+                m.path,
+                have.as_deref().unwrap_or("none")
+            );
+            p.general.push(Verdict {
+                what: format!("object {} build-id", decl.name),
+                ok: false,
+                detail: msg.clone(),
+            });
+            p.problems.push((format!("object {}", decl.name), msg));
+            continue;
+        }
+        let mut funcs = vec![];
+        for f in &decl.funcs {
+            let label = format!("{}:{}", decl.name, f.old);
+            // D5 resolution.
+            let sym = match m.symbols.resolve(&m.path, &f.old, f.sympos) {
+                Ok(s) => s.clone(),
+                Err(e) => {
+                    p.problems.push((label.clone(), format!("pid {pid}: {e}")));
+                    continue;
+                }
+            };
+            if pf.symbols.functions_named(&f.new).next().is_none() {
+                p.problems.push((
+                    label.clone(),
+                    format!(
+                        "the patch {} does not define the new function {}",
+                        pf.path.display(),
+                        f.new
+                    ),
+                ));
+                continue;
+            }
+            let old_avma = sym.addr.to_avma(m.bias).0;
+            let old = Range::new(old_avma, old_avma + sym.size.max(1));
+            let func = FuncId::new(id.clone(), &f.old, f.sympos);
+            p.func_notes.push((
+                label.clone(),
+                format!("resolved to {old_avma:#x} ({} bytes) in {}", sym.size, m.path),
+            ));
+            // Entry analysis (x86), unless an earlier patch already prepared this entry.
+            let mut preserve = RegSet::EMPTY;
+            if let Some(rec) = doc.entry(&func) {
+                p.func_notes.push((
+                    label.clone(),
+                    format!("entry already managed by relive (stub {:#x})", rec.stub),
+                ));
+                p.plans.push((func.clone(), rec.plan.plan()));
+            } else {
+                let Some(bytes) = function_bytes(m, sym.addr, sym.size) else {
+                    p.problems.push((
+                        label.clone(),
+                        format!("cannot read the bytes of {} in {}", f.old, m.path),
+                    ));
+                    continue;
+                };
+                let fb = FunctionBytes {
+                    name: &f.old,
+                    addr: old_avma,
+                    bytes,
+                };
+                match relive_x86::analyze_entry(fb, &EntryContext::default()) {
+                    Ok(plan) => {
+                        // The target's memory must still hold what the file says (no foreign patcher).
+                        let mut cur = vec![0u8; plan.original.len()];
+                        if relive_proc::read_memory(pid, plan.site, &mut cur).is_ok() && cur != plan.original
+                        {
+                            p.problems.push((
+                                label.clone(),
+                                format!(
+                                    "the entry of {} at {:#x} in pid {pid} holds {cur:02x?}, not the file's {:02x?}: \
+                                     another tool changed it",
+                                    f.old, plan.site, plan.original
+                                ),
+                            ));
+                            continue;
+                        }
+                        p.func_notes.push((
+                            label.clone(),
+                            format!("entry at {:#x}: {}", plan.site, kind_name(&plan.kind)),
+                        ));
+                        // DESIGN §4.3a: registers callers may rely on.
+                        let mut callee = |a: u64| -> Option<FunctionCode> {
+                            let (s, _) = m.symbols.lookup(relive_elf::Avma(a).to_svma(m.bias))?;
+                            let b = function_bytes(m, s.addr, s.size)?;
+                            Some(FunctionCode {
+                                name: s.name.clone(),
+                                addr: s.addr.to_avma(m.bias).0,
+                                bytes: b.to_vec(),
+                            })
+                        };
+                        // Only callers that see the function's body can rely on registers it leaves alone
+                        // (GCC -fipa-ra on a function that binds locally). relive thunks local (static)
+                        // functions; exported ones are entered directly (see ARCHITECTURE.md, DESIGN §4.3a).
+                        if !sym.global
+                            && let Ok(c) = relive_x86::clobbered_registers(fb, &mut callee)
+                        {
+                            preserve = c.to_preserve(nvec);
+                            if !preserve.is_empty() {
+                                p.func_notes
+                                    .push((label.clone(), format!("callers may rely on {preserve}: thunk")));
+                            }
+                        }
+                        p.plans.push((func.clone(), plan));
+                    }
+                    Err(e) => {
+                        p.problems.push((label.clone(), format!("pid {pid}: {e}")));
+                        continue;
+                    }
+                }
+            }
+            funcs.push(Resolved {
+                func,
+                decl: f.clone(),
+                old,
+                preserve,
+            });
+        }
+        p.objects.push(PreparedObject {
+            decl: decl.clone(),
+            id,
+            loaded: true,
+            funcs,
+        });
+    }
+    // Imports must resolve too.
+    for imp in &pf.manifest.imports {
+        let decl = pf.manifest.objects.iter().find(|o| o.name == imp.object);
+        if let Some(m) = decl.and_then(|d| module_for(image, d))
+            && let Err(e) = m.symbols.resolve(&m.path, &imp.name, imp.sympos)
+        {
+            p.problems
+                .push((format!("import {}", imp.name), format!("pid {pid}: {e}")));
+        }
+    }
+    // L1/K5/ST3: the model's checks (ranges of the new code are not needed for them).
+    if p.problems.is_empty() {
+        let spec = p.spec_with(|_| None);
+        match doc.model.check_enable(&spec) {
+            Ok(()) => p.general.push(Verdict {
+                what: "conflicts, states, busy (L1, K5, ST3)".into(),
+                ok: true,
+                detail: format!(
+                    "{} active patch(es), no transition pending",
+                    doc.model.patches().len()
+                ),
+            }),
+            Err(e) => {
+                let msg = format!("pid {pid}: {e}");
+                p.general.push(Verdict {
+                    what: "conflicts, states, busy (L1, K5, ST3)".into(),
+                    ok: false,
+                    detail: msg.clone(),
+                });
+                p.problems.push((format!("patch {}", pf.name), msg));
+            }
+        }
+    }
+    p
+}
+
+/// `apply`'s checks in a session.
+pub fn prepare(s: &Session, pf: &PatchFile, allow_stacking: bool, _all: bool) -> Result<Prepared, Fail> {
+    Ok(prepare_with(s.pid, &s.image, &s.doc, pf, allow_stacking))
+}
+
+/// Loads the patch library through the agent, resolves its new functions, writes its imports.
+pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, Fail> {
+    let pid = s.pid;
+    let path = pf.path.to_string_lossy().into_owned();
+    let lib = match s.conn.load_path(&path) {
+        Ok(l) => l,
+        // The target may live in another mount namespace: hand it the bytes (DESIGN §4.6).
+        Err(_) => {
+            let bytes =
+                std::fs::read(&pf.path).map_err(|e| Fail::Error(anyhow!("cannot read {path}: {e}")))?;
+            s.conn
+                .load_bytes(&pf.name, &bytes)
+                .map_err(|e| Fail::Error(anyhow!("loading patch {} into pid {pid}: {e}", pf.name)))?
+        }
+    };
+    let mut rec = PatchRec {
+        name: pf.name.clone(),
+        path,
+        handle: lib.handle,
+        base: lib.base,
+        objects: vec![],
+    };
+    let fail = |s: &mut Session, e: String| {
+        let _ = s.conn.unload(lib.handle);
+        Fail::Error(anyhow!(e))
+    };
+    for o in &p.objects {
+        let c = &o.decl.callbacks;
+        let mut orec = ObjRec {
+            id: o.id.clone(),
+            pre_patch: c.pre_patch.clone(),
+            post_patch: c.post_patch.clone(),
+            pre_unpatch: c.pre_unpatch.clone(),
+            post_unpatch: c.post_unpatch.clone(),
+            funcs: vec![],
+        };
+        for r in &o.funcs {
+            let addr = match s.conn.dlsym(lib.handle, &r.decl.new) {
+                Ok(a) => a,
+                Err(e) => {
+                    return Err(fail(
+                        s,
+                        format!("patch {}: new function {} in pid {pid}: {e}", pf.name, r.decl.new),
+                    ));
+                }
+            };
+            let size = pf
+                .symbols
+                .functions_named(&r.decl.new)
+                .next()
+                .map_or(1, |s| s.size.max(1));
+            orec.funcs.push(FuncRec {
+                func: r.func.clone(),
+                new_symbol: r.decl.new.clone(),
+                new_addr: addr,
+                new_size: size,
+                thunk: None,
+            });
+        }
+        for cb in [&c.pre_patch, &c.post_patch, &c.pre_unpatch, &c.post_unpatch]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = s.conn.dlsym(lib.handle, cb) {
+                return Err(fail(
+                    s,
+                    format!("patch {}: callback {cb} in pid {pid}: {e}", pf.name),
+                ));
+            }
+        }
+        rec.objects.push(orec);
+    }
+    for imp in &pf.manifest.imports {
+        let decl = pf.manifest.objects.iter().find(|o| o.name == imp.object);
+        let Some(m) = decl.and_then(|d| module_for(&s.image, d)) else {
+            continue;
+        };
+        let sym = match m.symbols.resolve(&m.path, &imp.name, imp.sympos) {
+            Ok(sym) => sym.addr.to_avma(m.bias).0,
+            Err(e) => return Err(fail(s, format!("import {} of patch {}: {e}", imp.name, pf.name))),
+        };
+        if let Err(e) = s.conn.set_import(lib.handle, &imp.slot, sym) {
+            return Err(fail(
+                s,
+                format!("import slot {} of patch {} in pid {pid}: {e}", imp.slot, pf.name),
+            ));
+        }
+    }
+    Ok(rec)
+}
+
+/// Builds the register-preserving thunks (DESIGN §4.3a) of the patch just loaded, in pages near its code.
+pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fail> {
+    let (_, width) = vector_width();
+    let pid = s.pid;
+    let mut page: Option<(u64, u64)> = None; // (base, used)
+    for o in &p.objects {
+        for r in &o.funcs {
+            if r.preserve.is_empty() {
+                continue;
+            }
+            let Some(target) = s.doc.patch(patch).and_then(|pr| {
+                pr.objects
+                    .iter()
+                    .flat_map(|o| o.funcs.iter())
+                    .find(|f| f.func == r.func)
+                    .map(|f| f.new_addr)
+            }) else {
+                continue;
+            };
+            let (base, used) = match page {
+                Some(pg) if pg.1 + 512 <= THUNK_PAGE => pg,
+                _ => {
+                    let b = s
+                        .conn
+                        .map_stubs(target, THUNK_PAGE)
+                        .map_err(|e| Fail::Error(anyhow!(e)))?;
+                    s.doc.thunk_pages.push((patch.to_owned(), b));
+                    s.unwinder
+                        .add_code_range(b..b + THUNK_PAGE, format!("relive thunk of patch {patch}"));
+                    (b, 0)
+                }
+            };
+            let at = base + used;
+            let t = relive_x86::encode_preserving_thunk(at, target, r.preserve, width, 0)
+                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+            relive_proc::write_code(pid, at, &t.code)
+                .map_err(|e| super::session::proc_err(pid, "cannot write a thunk", e))?;
+            page = Some((base, used + (t.code.len() as u64).div_ceil(64) * 64));
+            if let Some(pr) = s.doc.patches.iter_mut().find(|x| x.name == patch) {
+                for f in pr.objects.iter_mut().flat_map(|o| o.funcs.iter_mut()) {
+                    if f.func == r.func {
+                        f.thunk = Some(at);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `relive check`: read-only (no injection, no lock, no write).
+pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckReport, Fail> {
+    if !relive_proc::process_exists(pid) {
+        return Err(Fail::Error(anyhow!(
+            "no process with pid {pid}: check the pid with `ps` or `pgrep`"
+        )));
+    }
+    let image = ProcessImage::load(pid, &relive_proc::ImageOptions::default())
+        .map_err(|e| super::session::proc_err(pid, "cannot map modules", e))?;
+    let mut general = vec![];
+    let doc = match relive_proc::agent::find_agent(pid) {
+        Ok(loc) => {
+            let snap = relive_proc::agent::read_registry(&loc).map_err(|e| Fail::Error(anyhow!(e)))?;
+            general.push(Verdict {
+                what: "agent and TLS room".into(),
+                ok: true,
+                detail: format!(
+                    "agent loaded from {} (TLS slot at tpoff {})",
+                    loc.path, snap.header.tpoff
+                ),
+            });
+            if snap.body.is_empty() {
+                Doc::default()
+            } else {
+                serde_json::from_slice::<Doc>(&snap.body).map_err(|e| {
+                    Fail::Error(anyhow!("cannot decode the registry document of pid {pid}: {e}"))
+                })?
+            }
+        }
+        Err(relive_proc::agent::AgentError::NotLoaded { .. }) => {
+            general.push(Verdict {
+                what: "agent and TLS room".into(),
+                ok: true,
+                detail:
+                    "no agent yet: apply injects it (its IE TLS is 8 bytes of glibc's static-TLS reserve)"
+                        .into(),
+            });
+            Doc::default()
+        }
+        Err(e) => return Err(Fail::Error(anyhow!(e))),
+    };
+    let p = prepare_with(pid, &image, &doc, pf, allow_stacking);
+    general.extend(p.general.iter().cloned());
+    let mut funcs: Vec<FuncVerdict> = vec![];
+    for decl in &pf.manifest.objects {
+        for f in &decl.funcs {
+            let label = format!("{}:{}", decl.name, f.old);
+            let mut details: Vec<String> = p
+                .func_notes
+                .iter()
+                .filter(|(l, _)| *l == label)
+                .map(|(_, d)| d.clone())
+                .collect();
+            let problems: Vec<String> = p
+                .problems
+                .iter()
+                .filter(|(l, _)| *l == label)
+                .map(|(_, d)| d.clone())
+                .collect();
+            let ok = problems.is_empty();
+            details.extend(problems);
+            funcs.push(FuncVerdict {
+                func: label,
+                ok,
+                details,
+            });
+        }
+    }
+    for (what, problem) in &p.problems {
+        if !funcs.iter().any(|f| f.func == *what) && !general.iter().any(|g| g.detail == *problem) {
+            general.push(Verdict {
+                what: what.clone(),
+                ok: false,
+                detail: problem.clone(),
+            });
+        }
+    }
+    let ok = p.problems.is_empty();
+    Ok(CheckReport {
+        pid,
+        patch: pf.name.clone(),
+        ok,
+        general,
+        funcs,
+    })
+}
+
+fn kind_name(k: &relive_x86::EntryKind) -> String {
+    match k {
+        relive_x86::EntryKind::Pad { pad_len, .. } => format!("patchable NOP pad of {pad_len} bytes"),
+        relive_x86::EntryKind::PrePad { pad_len, .. } => format!("{pad_len}-byte pad plus a pre-entry pad"),
+        relive_x86::EntryKind::Displaced { instructions } => {
+            format!(
+                "{} displaced instruction(s), relocated into the stub",
+                instructions.len()
+            )
+        }
+    }
+}

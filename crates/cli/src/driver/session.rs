@@ -1,0 +1,211 @@
+//! One controller session with one target: the agent's channel (locked), the registry document, the process
+//! image and an unwinder that knows relive's stubs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use relive_core::{PatchState, Tid};
+use relive_proc::agent::{self, AgentConn};
+use relive_proc::{ImageOptions, ProcessImage};
+use relive_unwind::Unwinder;
+
+use super::doc::{self, BODY_VERSION, Doc, STUB_CODE_END, THUNK_PAGE};
+use super::{Fail, Options};
+
+pub struct Session {
+    pub pid: i32,
+    pub conn: AgentConn,
+    pub tpoff: i64,
+    pub tls_image_addr: u64,
+    pub doc: Doc,
+    pub image: ProcessImage,
+    pub unwinder: Unwinder,
+    pub fs_base: HashMap<i32, u64>,
+    pub max_depth: usize,
+    /// Whether the agent had to be injected by this session.
+    pub injected: bool,
+    locked: bool,
+}
+
+/// Maps a process-level error to a refusal or an error with the pid in the message.
+pub fn proc_err(pid: i32, what: &str, e: impl std::fmt::Display) -> Fail {
+    Fail::Error(anyhow!("{what} in pid {pid}: {e}"))
+}
+
+impl Session {
+    /// Finds (or, with `inject`, injects) the agent of `pid`, opens its channel, takes the controller lock
+    /// and reads the registry document.
+    pub fn open(pid: i32, inject: bool, opts: &Options) -> Result<Session, Fail> {
+        if !relive_proc::process_exists(pid) {
+            return Err(Fail::Error(anyhow!(
+                "no process with pid {pid}: check the pid with `ps` or `pgrep`"
+            )));
+        }
+        let (loc, injected) = if inject {
+            let spinner = indicatif::ProgressBar::new_spinner();
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                spinner.set_message(format!("loading the relive agent into pid {pid}"));
+                spinner.enable_steady_tick(Duration::from_millis(80));
+            } else {
+                spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let r = agent::ensure_agent(pid, &relive_proc::remote::InjectOptions::default());
+            spinner.finish_and_clear();
+            match r.map_err(|e| Fail::Error(anyhow!(e)))? {
+                agent::Ensured::Present(l) => (l, false),
+                agent::Ensured::Injected(l, _) => (l, true),
+            }
+        } else {
+            match agent::find_agent(pid) {
+                Ok(l) => (l, false),
+                Err(agent::AgentError::NotLoaded { .. }) => {
+                    return Err(Fail::Refused(anyhow!(
+                        "pid {pid} has no relive agent, so it has no patch and no transition; nothing to do"
+                    )));
+                }
+                Err(e) => return Err(Fail::Error(anyhow!(e))),
+            }
+        };
+        let mut conn = AgentConn::open(&loc, Duration::from_secs(10)).map_err(|e| Fail::Error(anyhow!(e)))?;
+        conn.lock().map_err(|e| Fail::Error(anyhow!(e)))?;
+        let snap = agent::read_registry(&loc).map_err(|e| Fail::Error(anyhow!(e)))?;
+        let doc = if snap.body.is_empty() {
+            Doc::default()
+        } else if snap.header.body_version != BODY_VERSION {
+            return Err(Fail::Error(anyhow!(
+                "the registry of pid {pid} holds a body of version {} (this relive writes {BODY_VERSION}); use the \
+                 relive release that patched this process",
+                snap.header.body_version
+            )));
+        } else {
+            serde_json::from_slice::<Doc>(&snap.body)
+                .with_context(|| format!("cannot decode the registry document of pid {pid}"))?
+        };
+        let image = ProcessImage::load(pid, &ImageOptions::default())
+            .map_err(|e| proc_err(pid, "cannot map modules", e))?;
+        let unwinder = image.unwinder();
+        let mut s = Session {
+            pid,
+            conn,
+            tpoff: snap.header.tpoff,
+            tls_image_addr: snap.header.tls_image_addr,
+            doc,
+            image,
+            unwinder,
+            fs_base: HashMap::new(),
+            max_depth: opts.max_depth,
+            injected,
+            locked: true,
+        };
+        s.doc.model.set_max_depth(opts.max_depth);
+        s.register_stub_ranges();
+        Ok(s)
+    }
+
+    /// Registers every stub page and thunk page with the unwinder (DESIGN §4.5: code without CFI).
+    pub fn register_stub_ranges(&mut self) {
+        for e in &self.doc.entries {
+            self.unwinder.add_code_range(
+                e.stub..e.stub + STUB_CODE_END,
+                format!("relive stub of {}", e.func.name),
+            );
+        }
+        for (patch, page) in &self.doc.thunk_pages {
+            self.unwinder.add_code_range(
+                *page..*page + THUNK_PAGE,
+                format!("relive thunk of patch {patch}"),
+            );
+        }
+    }
+
+    /// Reloads the process image (after a patch library was loaded or unloaded) and the unwinder.
+    pub fn reload_image(&mut self) -> Result<(), Fail> {
+        self.image = ProcessImage::load(self.pid, &ImageOptions::default())
+            .map_err(|e| proc_err(self.pid, "cannot map modules", e))?;
+        self.unwinder = self.image.unwinder();
+        self.register_stub_ranges();
+        Ok(())
+    }
+
+    /// Writes the document to the registry (write-ahead: before acting on it, DESIGN §4.8).
+    pub fn save(&mut self) -> Result<(), Fail> {
+        let body = serde_json::to_vec(&self.doc).context("cannot encode the registry document")?;
+        if body.len() > relive_abi::registry::BODY_CAPACITY {
+            return Err(Fail::Error(anyhow!(
+                "the registry document of pid {} is {} bytes, more than the agent's {} (too many threads or patches)",
+                self.pid,
+                body.len(),
+                relive_abi::registry::BODY_CAPACITY
+            )));
+        }
+        self.conn
+            .write_body(BODY_VERSION, &body)
+            .map_err(|e| Fail::Error(anyhow!(e)))?;
+        Ok(())
+    }
+
+    /// The slot value for `state` in the current transition.
+    pub fn slot_value(&self, state: PatchState) -> u64 {
+        doc::slot_value(self.doc.seq, state)
+    }
+
+    /// Writes a thread's state slot (process_vm_writev at fs_base + tpoff).
+    pub fn write_slot(&self, fs_base: u64, state: PatchState) -> Result<(), relive_proc::ProcError> {
+        let addr = fs_base.wrapping_add(self.tpoff as u64);
+        relive_proc::write_data(self.pid, addr, &self.slot_value(state).to_le_bytes())
+    }
+
+    /// Reads a thread's slot and says which state it means now.
+    pub fn read_slot(&self, fs_base: u64) -> Result<PatchState, relive_proc::ProcError> {
+        let v = relive_proc::read_u64(self.pid, fs_base.wrapping_add(self.tpoff as u64))?;
+        Ok(doc::slot_state(self.doc.seq, v))
+    }
+
+    /// Writes the TLS init image (DESIGN §4.2): threads created from now on start in `state`.
+    pub fn write_tls_image(&self, state: PatchState) -> Result<(), Fail> {
+        if self.tls_image_addr == 0 {
+            return Err(Fail::Error(anyhow!(
+                "the agent of pid {} did not publish its TLS init image",
+                self.pid
+            )));
+        }
+        relive_proc::write_code(
+            self.pid,
+            self.tls_image_addr,
+            &self.slot_value(state).to_le_bytes(),
+        )
+        .map_err(|e| proc_err(self.pid, "cannot write the TLS init image", e))
+    }
+
+    /// Brings the model's thread list up to date: threads that exited are removed; threads that are new are
+    /// added (outside a transition they are IDLE; during one, they are adopted when the switching loop first
+    /// stops them and reads their slot).
+    pub fn sync_threads_idle(&mut self) -> Result<Vec<i32>, Fail> {
+        let tids =
+            relive_proc::list_threads(self.pid).map_err(|e| proc_err(self.pid, "cannot list threads", e))?;
+        let known: Vec<Tid> = self.doc.model.threads().keys().copied().collect();
+        for t in known {
+            if !tids.contains(&t.0) {
+                let _ = self.doc.model.remove_thread(t);
+                self.fs_base.remove(&t.0);
+            }
+        }
+        if self.doc.model.transition().is_none() {
+            for &t in &tids {
+                if self.doc.model.thread(Tid(t)).is_none() {
+                    let _ = self.doc.model.add_thread(Tid(t));
+                }
+            }
+        }
+        Ok(tids)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.locked {
+            let _ = self.conn.unlock();
+        }
+    }
+}

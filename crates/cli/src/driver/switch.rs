@@ -1,0 +1,246 @@
+//! Per-thread switching (SPEC C4/C5, DESIGN §4.5): stop one thread, unwind it, ask the model, write its state,
+//! resume it; retry the blocked ones every interval until none is pending, the timeout passes, or the
+//! transition is over.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use relive_core::{PatchState, SwitchOutcome, ThreadStack, Tid};
+use relive_proc::PageCacheReader;
+use relive_unwind::StartRegs;
+
+use super::progress::{Blocker, Progress};
+use super::session::{Session, proc_err};
+use super::{Fail, Options};
+
+/// Statistics of the switching loop.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SwitchStats {
+    pub rounds: u32,
+    /// Per-thread stop → unwind → decide → write → resume pauses, in microseconds.
+    #[serde(skip)]
+    pub pauses_us: Vec<u64>,
+    pub switched: usize,
+    pub blockers: Vec<Blocker>,
+}
+
+/// The result of one round.
+pub struct Round {
+    pub pending: usize,
+    pub total: usize,
+}
+
+fn describe(s: &Session, outcome: &SwitchOutcome, tid: i32) -> Option<Blocker> {
+    match outcome {
+        SwitchOutcome::Blocked {
+            function,
+            frame,
+            address,
+            ..
+        } => {
+            let sym = s.image.symbolize(relive_elf::Avma(*address));
+            Some(Blocker {
+                tid,
+                reason: format!("sleeping on function {} ({sym})", function.name),
+                function: Some(function.name.clone()),
+                frame: Some(*frame),
+                pc: Some(*address),
+            })
+        }
+        SwitchOutcome::Unreliable(u) => Some(Blocker {
+            tid,
+            reason: format!("unreliable stack: {u:?}"),
+            function: None,
+            frame: None,
+            pc: None,
+        }),
+        _ => None,
+    }
+}
+
+/// One round over `tids` (every thread on the first round of a command, then the pending ones and the new).
+pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<Round, Fail> {
+    let pid = s.pid;
+    let mut blockers = vec![];
+    let mut reader = PageCacheReader::new(pid);
+    for &tid in tids {
+        let t0 = Instant::now();
+        let t = match relive_proc::stop_thread(pid, tid) {
+            Ok(t) => t,
+            Err(e) if e.is_target_died() => {
+                if !relive_proc::process_exists(pid) {
+                    return Err(Fail::Error(anyhow!("pid {pid} exited during the transition")));
+                }
+                let _ = s.doc.model.remove_thread(Tid(tid));
+                s.fs_base.remove(&tid);
+                continue;
+            }
+            Err(e) => return Err(proc_err(pid, &format!("cannot stop thread {tid}"), e)),
+        };
+        let regs = t
+            .regs()
+            .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
+        s.fs_base.insert(tid, regs.fs_base);
+        // The slot is the truth (DESIGN §4.8): a controller killed after writing a slot but before saving the
+        // document leaves the model behind; adopt what the slot says.
+        let observed = s
+            .read_slot(regs.fs_base)
+            .map_err(|e| proc_err(pid, &format!("cannot read thread {tid}'s state"), e))?;
+        let model_state = s.doc.model.thread(Tid(tid)).map(|i| i.state);
+        let initial = s
+            .doc
+            .model
+            .transition()
+            .map(|t| t.initial)
+            .unwrap_or(PatchState::Idle);
+        let effective = if observed == PatchState::Idle {
+            initial
+        } else {
+            observed
+        };
+        if model_state != Some(effective) {
+            let _ = s.doc.model.remove_thread(Tid(tid));
+            s.doc
+                .model
+                .adopt_thread(Tid(tid), observed)
+                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+        }
+        if s.doc.model.thread(Tid(tid)).is_some_and(|i| i.pending) {
+            reader.clear();
+            let stack = s.unwinder.unwind(
+                StartRegs {
+                    ip: regs.rip,
+                    sp: regs.rsp,
+                    bp: regs.rbp,
+                },
+                &mut reader,
+                s.max_depth,
+            );
+            let pcs: Vec<u64> = stack.frames.iter().map(|f| f.pc).collect();
+            let ts = ThreadStack {
+                pcs,
+                reliable: stack.verdict.is_reliable(),
+            };
+            let outcome = s
+                .doc
+                .model
+                .try_switch(Tid(tid), &ts)
+                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+            match &outcome {
+                SwitchOutcome::Switched(relive_core::Action::WriteThreadState { state, .. }) => {
+                    s.write_slot(regs.fs_base, *state)
+                        .map_err(|e| proc_err(pid, &format!("cannot write thread {tid}'s state"), e))?;
+                    stats.switched += 1;
+                }
+                other => {
+                    if let Some(b) = describe(s, other, tid) {
+                        blockers.push(b);
+                    }
+                }
+            }
+        }
+        t.resume()
+            .map_err(|e| proc_err(pid, &format!("cannot resume thread {tid}"), e))?;
+        stats.pauses_us.push(t0.elapsed().as_micros() as u64);
+    }
+    stats.rounds += 1;
+    stats.blockers = blockers;
+    let total = s.doc.model.threads().len();
+    Ok(Round {
+        pending: s.doc.model.pending().len(),
+        total,
+    })
+}
+
+/// The threads to visit this round: the pending ones and those the model does not know yet (`all` = every
+/// thread, to re-read every slot once per command).
+pub fn visit_list(s: &mut Session, all: bool) -> Result<Vec<i32>, Fail> {
+    let tids = relive_proc::list_threads(s.pid).map_err(|e| proc_err(s.pid, "cannot list threads", e))?;
+    let live: HashSet<i32> = tids.iter().copied().collect();
+    for t in s.doc.model.threads().keys().copied().collect::<Vec<_>>() {
+        if !live.contains(&t.0) {
+            let _ = s.doc.model.remove_thread(t);
+            s.fs_base.remove(&t.0);
+        }
+    }
+    if all {
+        return Ok(tids);
+    }
+    let pending: HashSet<i32> = s.doc.model.pending().iter().map(|t| t.0).collect();
+    Ok(tids
+        .into_iter()
+        .filter(|t| pending.contains(t) || s.doc.model.thread(Tid(*t)).is_none())
+        .collect())
+}
+
+/// Drives rounds until the model has no pending thread or the deadline passes. Returns true when the
+/// transition completed (the caller performs the completion output).
+pub fn drive(
+    s: &mut Session,
+    opts: &Options,
+    progress: &mut dyn Progress,
+    stats: &mut SwitchStats,
+    deadline: Option<Instant>,
+    mut on_complete: impl FnMut(&mut Session, relive_core::Output, &mut dyn Progress) -> Result<(), Fail>,
+) -> Result<bool, Fail> {
+    let mut first = true;
+    let mut last_saved_pending = usize::MAX;
+    let mut idle_rounds = 0u32;
+    let mut last_switched = stats.switched;
+    loop {
+        let Some(t) = s.doc.model.transition() else {
+            return Ok(true);
+        };
+        let (patch, target) = (t.patch.clone(), t.target);
+        let tids = visit_list(s, first)?;
+        first = false;
+        let r = round(s, &tids, stats)?;
+        progress.round(
+            &patch,
+            target_word(target),
+            r.total - r.pending,
+            r.total,
+            &stats.blockers,
+        );
+        let out = s
+            .doc
+            .model
+            .try_complete()
+            .map_err(|e| Fail::Error(anyhow!("pid {}: {e}", s.pid)))?;
+        if s.doc.model.transition().is_none() {
+            on_complete(s, out, progress)?;
+            return Ok(true);
+        }
+        if r.pending != last_saved_pending {
+            // Write-ahead of the thread states already written (DESIGN §4.8).
+            s.save()?;
+            last_saved_pending = r.pending;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) || !opts.wait {
+            s.save()?;
+            return Ok(false);
+        }
+        // Back off while nothing moves: the interval, doubled every 10 rounds that switched nobody, up to 8×.
+        if stats.switched == last_switched {
+            idle_rounds += 1;
+        } else {
+            idle_rounds = 0;
+        }
+        last_switched = stats.switched;
+        let factor = 1u32 << (idle_rounds / 10).min(3);
+        std::thread::sleep(
+            opts.interval
+                .saturating_mul(factor)
+                .max(Duration::from_micros(100)),
+        );
+    }
+}
+
+pub fn target_word(t: PatchState) -> &'static str {
+    match t {
+        PatchState::Patched => "patched",
+        PatchState::Unpatched => "unpatched",
+        PatchState::Idle => "idle",
+    }
+}
