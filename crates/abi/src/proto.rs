@@ -47,6 +47,7 @@
 //! | 11 | WriteBody | body_version u32, body bytes | Done (seqlock write of the registry body) |
 //! | 12 | Lock | owner u32 | Done, or Error EBUSY naming the holder (a dead holder is replaced) |
 //! | 13 | Unlock | owner u32 | Done |
+//! | 14 | List | – | Libraries { count u32, then per library: handle u64, base u64, label str } (label: the path, or the memfd's name) |
 //!
 //! Any request may answer `Error { errno i32, message str }`.
 
@@ -83,7 +84,19 @@ pub enum Request {
     WriteBody { body_version: u32, body: Vec<u8> },
     Lock { owner: u32 },
     Unlock { owner: u32 },
+    List,
 }
+
+/// One library loaded by the agent, as listed by [`Request::List`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibInfo {
+    pub handle: u64,
+    pub base: u64,
+    pub label: String,
+}
+
+/// Most libraries one `List` answer carries.
+pub const MAX_LIBS: usize = 256;
 
 /// A response from the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +108,7 @@ pub enum Response {
     Int { value: i32 },
     Done,
     Error { errno: i32, message: String },
+    Libraries { libs: Vec<LibInfo> },
 }
 
 /// Why a frame could not be decoded.
@@ -269,6 +283,7 @@ impl Request {
             Request::WriteBody { .. } => 11,
             Request::Lock { .. } => 12,
             Request::Unlock { .. } => 13,
+            Request::List => 14,
         }
     }
 
@@ -276,7 +291,7 @@ impl Request {
     pub fn encode(&self, seq: u32) -> Vec<u8> {
         let mut w = W::new(self.kind(), seq);
         match self {
-            Request::Ping => {}
+            Request::Ping | Request::List => {}
             Request::LoadPath { path } => {
                 w.bytes(path.as_bytes());
             }
@@ -362,6 +377,7 @@ impl Request {
             13 => Request::Unlock {
                 owner: r.u32("owner")?,
             },
+            14 => Request::List,
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -381,6 +397,7 @@ impl Response {
                 Response::Int { .. } => 5,
                 Response::Done => 6,
                 Response::Error { .. } => 7,
+                Response::Libraries { .. } => 8,
             }
     }
 
@@ -413,6 +430,14 @@ impl Response {
                 }
                 w.u32(*errno as u32).bytes(&m[..end]);
             }
+            Response::Libraries { libs } => {
+                let libs = &libs[..libs.len().min(MAX_LIBS)];
+                w.u32(libs.len() as u32);
+                for l in libs {
+                    let b = l.label.as_bytes();
+                    w.u64(l.handle).u64(l.base).bytes(&b[..b.len().min(MAX_STR)]);
+                }
+            }
         }
         w.finish()
     }
@@ -441,6 +466,21 @@ impl Response {
                 errno: r.u32("errno")? as i32,
                 message: r.str("message")?,
             },
+            0x8008 => {
+                let n = r.u32("count")? as usize;
+                if n > MAX_LIBS {
+                    return Err(ProtoError::TooLong { len: n });
+                }
+                let mut libs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    libs.push(LibInfo {
+                        handle: r.u64("handle")?,
+                        base: r.u64("base")?,
+                        label: r.str("label")?,
+                    });
+                }
+                Response::Libraries { libs }
+            }
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -501,6 +541,7 @@ mod tests {
             },
             Request::Lock { owner: 10 },
             Request::Unlock { owner: 10 },
+            Request::List,
         ] {
             roundtrip_req(&r);
         }
@@ -517,6 +558,13 @@ mod tests {
             Response::Error {
                 errno: 2,
                 message: "no such file".into(),
+            },
+            Response::Libraries {
+                libs: vec![LibInfo {
+                    handle: 1,
+                    base: 2,
+                    label: "fix.so".into(),
+                }],
             },
         ] {
             let f = r.encode(9);

@@ -15,7 +15,14 @@ use std::ffi::{CStr, CString};
 struct Loaded {
     id: u64,
     dl: usize,
+    base: u64,
     path: String,
+    /// The memfd name when loaded from one, else the path.
+    label: String,
+    /// The memfd it was loaded from, kept open while the library is loaded: glibc matches dlopen
+    /// requests by name first, so `/proc/self/fd/N` must not name another file while this one is
+    /// loaded (a reused fd number would make dlopen return this library again).
+    memfd: Option<i32>,
 }
 
 /// The agent's bookkeeping, used by one service thread at a time (guarded by [`BUSY`]).
@@ -23,7 +30,7 @@ struct Loaded {
 struct State {
     next_id: u64,
     loaded: Vec<Loaded>,
-    memfds: Vec<i32>,
+    memfds: Vec<(i32, String)>,
     stubs: Vec<(u64, u64)>,
 }
 
@@ -145,7 +152,7 @@ fn dispatch(st: &mut State, req: Request) -> Response {
         Request::LoadPath { path } => load(st, path).unwrap_or_else(|e| e),
         Request::CreateMemfd { name, size } => memfd(st, &name, size).unwrap_or_else(|e| e),
         Request::CloseFd { fd } => {
-            let Some(i) = st.memfds.iter().position(|&f| f == fd) else {
+            let Some(i) = st.memfds.iter().position(|(f, _)| *f == fd) else {
                 return err(
                     libc::EPERM,
                     format!("fd {fd} was not created by the agent (CreateMemfd); refusing to close it"),
@@ -165,6 +172,10 @@ fn dispatch(st: &mut State, req: Request) -> Response {
                 return find_dl(st, handle).err().unwrap_or(Response::Done);
             };
             let l = st.loaded.remove(i);
+            if let Some(fd) = l.memfd {
+                // SAFETY: the memfd was created by us and handed to this entry; closed once.
+                unsafe { libc::close(fd) };
+            }
             // SAFETY: the handle came from dlopen and is closed once (removed from STATE above).
             let rc = unsafe { libc::dlclose(l.dl as *mut libc::c_void) };
             if rc != 0 {
@@ -216,6 +227,17 @@ fn dispatch(st: &mut State, req: Request) -> Response {
             Err(m) => err(libc::EINVAL, m),
         },
         Request::Lock { owner } => lock(owner),
+        Request::List => Response::Libraries {
+            libs: st
+                .loaded
+                .iter()
+                .map(|l| relive_abi::proto::LibInfo {
+                    handle: l.id,
+                    base: l.base,
+                    label: l.label.clone(),
+                })
+                .collect(),
+        },
         Request::Unlock { owner } => {
             let Some(mut h) = crate::registry::header() else {
                 return err(libc::EIO, "registry not initialised".into());
@@ -268,10 +290,25 @@ fn load(st: &mut State, path: String) -> Result<Response, Response> {
     };
     let id = st.next_id;
     st.next_id += 1;
+    let memfd_pos = path
+        .strip_prefix("/proc/self/fd/")
+        .and_then(|n| n.parse::<i32>().ok())
+        .and_then(|fd| st.memfds.iter().position(|(f, _)| *f == fd));
+    let (label, memfd) = match memfd_pos {
+        // The memfd now belongs to the loaded library; it is closed when the library is unloaded.
+        Some(i) => {
+            let (fd, name) = st.memfds.remove(i);
+            (name, Some(fd))
+        }
+        None => (path.clone(), None),
+    };
     st.loaded.push(Loaded {
         id,
         dl: dl as usize,
+        base,
         path,
+        label,
+        memfd,
     });
     Ok(Response::Loaded { handle: id, base })
 }
@@ -300,7 +337,7 @@ fn memfd(st: &mut State, name: &str, size: u64) -> Result<Response, Response> {
             format!("ftruncate of memfd {name:?} to {size} bytes failed"),
         ));
     }
-    st.memfds.push(fd);
+    st.memfds.push((fd, name.to_string()));
     Ok(Response::Fd { fd })
 }
 
@@ -395,7 +432,7 @@ fn lock(owner: u32) -> Response {
 /// inherited and stay valid in the child.
 pub fn after_fork_child() {
     with_state(|st| {
-        for fd in st.memfds.drain(..) {
+        for (fd, _) in st.memfds.drain(..) {
             // SAFETY: our own inherited copy of the fd.
             unsafe { libc::close(fd) };
         }

@@ -46,6 +46,18 @@ enum Command {
     /// Show every thread of a process with its symbolized, reliability-checked stack.
     #[command(after_help = cmd::stacks::EXAMPLES)]
     Stacks(cmd::stacks::Args),
+    /// Print a patch's manifest: name, flags, objects, functions, callbacks, states, imports.
+    #[command(after_help = cmd::inspect::EXAMPLES)]
+    Inspect(cmd::inspect::Args),
+    /// Show the relive agent and registry of a process, or of every process that has the agent.
+    #[command(after_help = cmd::status::EXAMPLES)]
+    Status(cmd::status::Args),
+    /// Debug: load a patch library through the agent without redirecting anything.
+    #[command(hide = true, after_help = cmd::load::EXAMPLES)]
+    Load(cmd::load::Args),
+    /// Debug: unload a patch library loaded with `relive load`.
+    #[command(hide = true, after_help = cmd::unload::EXAMPLES)]
+    Unload(cmd::unload::Args),
 }
 
 fn main() {
@@ -54,6 +66,10 @@ fn main() {
     let ctx = output::Ctx { json: cli.json };
     let result = match cli.command {
         Command::Stacks(args) => cmd::stacks::run(&ctx, args),
+        Command::Inspect(args) => cmd::inspect::run(&ctx, args),
+        Command::Status(args) => cmd::status::run(&ctx, args),
+        Command::Load(args) => cmd::load::run(&ctx, args),
+        Command::Unload(args) => cmd::unload::run(&ctx, args),
         Command::Apply(args) => cmd::apply::run(&ctx, args),
         Command::Disable(args) => cmd::disable::run(&ctx, args),
         Command::Transition(args) => cmd::transition::run(&ctx, args),

@@ -8,6 +8,7 @@ pub mod addr;
 pub mod cfi;
 pub mod demangle;
 pub mod image;
+pub mod manifest;
 pub mod maps;
 pub mod symbols;
 

@@ -2,4 +2,7 @@
 // deny, not forbid: the shadow module's FFI boundary to the agent needs item-level allow(unsafe_code).
 #![deny(unsafe_code)]
 
+pub mod manifest;
 pub mod shadow;
+
+pub use manifest::ImportSlot;

@@ -385,6 +385,7 @@ fn req_name(r: &Request) -> &'static str {
         Request::WriteBody { .. } => "write-body",
         Request::Lock { .. } => "lock",
         Request::Unlock { .. } => "unlock",
+        Request::List => "list",
     }
 }
 
@@ -555,10 +556,11 @@ impl AgentConn {
             Ok(()) => self.load_path(&format!("/proc/self/fd/{fd}")),
             Err(e) => Err(io_err(pid, format!("the agent's memfd /proc/{pid}/fd/{fd}"), e)),
         };
-        let closed = self.call(&Request::CloseFd { fd });
-        let l = loaded?;
-        closed?;
-        Ok(l)
+        // On success the agent keeps the memfd open with the library (closed at unload).
+        if loaded.is_err() {
+            let _ = self.call(&Request::CloseFd { fd });
+        }
+        loaded
     }
 
     /// `dlsym` in a loaded patch.
@@ -637,6 +639,14 @@ impl AgentConn {
         })? {
             Response::Done => Ok(()),
             r => self.unexpected("lock", r),
+        }
+    }
+
+    /// The libraries the agent has loaded (handle, base, label).
+    pub fn list(&mut self) -> Result<Vec<proto::LibInfo>> {
+        match self.call(&Request::List)? {
+            Response::Libraries { libs } => Ok(libs),
+            r => self.unexpected("list", r),
         }
     }
 

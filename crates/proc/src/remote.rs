@@ -559,7 +559,8 @@ fn try_call(
     let fp_addr = (top - fp.len() as u64) & !63;
     let data_addr = (fp_addr - data.len() as u64) & !15;
     let frame_addr = ((data_addr - FRAME_SIZE) & !15) - 8; // rsp % 16 == 8 at function entry
-    if frame_addr < stack.start + STACK_MARGIN {
+    // The main thread's [stack] grows on demand (up to RLIMIT_STACK); thread stacks are fixed.
+    if stack.path != "[stack]" && frame_addr < stack.start + STACK_MARGIN {
         return Ok(Attempt::Refused(format!(
             "{tid}: less than {} KiB of stack left below {:#x}",
             STACK_MARGIN / 1024,

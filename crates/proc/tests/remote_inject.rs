@@ -63,6 +63,8 @@ fn serial_t_d4_6_inject_100_times_sleeps_exact_and_simd_intact() {
     let path = agent_path();
     // Start right after a fresh 2 s sleep began, so all 100 hijacks land inside one sleep.
     line_with(&t, "simd-sleep", Duration::from_secs(5));
+    // Start 300 ms into the sleep: an exact restart keeps 2 s; a re-issued sleep would be ≥ 2.3 s.
+    std::thread::sleep(Duration::from_millis(300));
     let mut times = Vec::new();
     let mut frames = 0;
     for i in 0..100 {
@@ -78,7 +80,8 @@ fn serial_t_d4_6_inject_100_times_sleeps_exact_and_simd_intact() {
     for _ in 0..2 {
         let l = line_with(&t, "simd-sleep", Duration::from_secs(6));
         let el: f64 = field(&l, "elapsed").parse().unwrap();
-        assert!((1995.0..2060.0).contains(&el), "hijacked sleep took {el} ms: {l}");
+        // Upper bound: wake-up latency on a loaded 2-CPU machine (a re-issued sleep is ≥ 2300).
+        assert!((1995.0..2250.0).contains(&el), "hijacked sleep took {el} ms: {l}");
         assert_eq!(field(&l, "xmm"), "ok", "{l}");
         assert_eq!(field(&l, "ret"), "0", "{l}");
     }

@@ -1,0 +1,142 @@
+//! `relive status [PID]`: read the agent's registry of one process, or of every process that has
+//! the agent, without stopping anything (DESIGN §4.8: process_vm_readv under the seqlock).
+
+use crate::output::{CmdResult, Ctx};
+use relive_abi::registry::{FLAG_PRELOADED, FLAG_READY};
+use relive_proc::agent::{self, AgentError, AgentLocation};
+use serde::Serialize;
+
+pub const EXAMPLES: &str = "Examples:
+  relive status                   every process that has the relive agent loaded
+  relive status 1234              the agent and registry of pid 1234
+  relive status 1234 --json       the same as JSON";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The process; without it, every process on the system that has the agent.
+    pub pid: Option<i32>,
+}
+
+/// One process's agent, as printed.
+#[derive(Debug, Serialize)]
+pub struct AgentStatus {
+    pub pid: i32,
+    pub agent_path: String,
+    pub registry_addr: String,
+    pub agent_version: u32,
+    pub agent_pid: u32,
+    pub ready: bool,
+    pub preloaded: bool,
+    pub service_tid: u32,
+    pub tpoff: i64,
+    pub tls_image_addr: String,
+    pub req_fd: i32,
+    pub resp_fd: i32,
+    pub controller_lock: Option<u32>,
+    pub generation: u64,
+    pub body_version: u32,
+    pub body_len: u32,
+    pub body_capacity: u32,
+}
+
+/// Reads one process's registry.
+pub fn status_of(loc: &AgentLocation) -> Result<AgentStatus, AgentError> {
+    let s = agent::read_registry(loc)?;
+    let h = s.header;
+    Ok(AgentStatus {
+        pid: loc.pid,
+        agent_path: loc.path.clone(),
+        registry_addr: format!("{:#x}", loc.registry_addr),
+        agent_version: h.agent_version,
+        agent_pid: h.agent_pid,
+        ready: h.flags & FLAG_READY != 0,
+        preloaded: h.flags & FLAG_PRELOADED != 0,
+        service_tid: h.service_tid,
+        tpoff: h.tpoff,
+        tls_image_addr: format!("{:#x}", h.tls_image_addr),
+        req_fd: h.req_fd,
+        resp_fd: h.resp_fd,
+        controller_lock: (h.lock_owner != 0).then_some(h.lock_owner),
+        generation: h.generation,
+        body_version: h.body_version,
+        body_len: h.body_len,
+        body_capacity: h.body_capacity,
+    })
+}
+
+fn render(s: &AgentStatus) -> String {
+    let mut out = format!(
+        "pid {}: agent v{} ({}){}\n",
+        s.pid,
+        s.agent_version,
+        if s.ready { "ready" } else { "starting" },
+        if s.preloaded { ", preloaded" } else { ", injected" }
+    );
+    out += &format!("  library        {}\n", s.agent_path);
+    out += &format!("  service thread {}\n", s.service_tid);
+    out += &format!(
+        "  TLS slot       fs:[{}] (init image at {})\n",
+        s.tpoff, s.tls_image_addr
+    );
+    out += &format!(
+        "  channel        /proc/{}/fd/{} -> /proc/{}/fd/{}\n",
+        s.pid, s.req_fd, s.pid, s.resp_fd
+    );
+    match s.controller_lock {
+        Some(p) => out += &format!("  controller     locked by relive pid {p}\n"),
+        None => out += "  controller     none\n",
+    }
+    out += &format!(
+        "  registry       generation {}, body v{} {} of {} bytes\n",
+        s.generation, s.body_version, s.body_len, s.body_capacity
+    );
+    out
+}
+
+pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
+    match args.pid {
+        Some(pid) => {
+            let loc = match agent::find_agent(pid) {
+                Ok(l) => l,
+                Err(AgentError::NotLoaded { .. }) => {
+                    if ctx.json {
+                        ctx.print_json(&serde_json::json!({ "pid": pid, "agent": null }));
+                    } else {
+                        println!("pid {pid}: no relive agent loaded (nothing is patched)");
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(anyhow::Error::new(e).into()),
+            };
+            let s = status_of(&loc).map_err(anyhow::Error::new)?;
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({ "pid": pid, "agent": s }));
+            } else {
+                print!("{}", render(&s));
+            }
+        }
+        None => {
+            let mut all = Vec::new();
+            let mut errors = Vec::new();
+            for loc in agent::processes_with_agent() {
+                match status_of(&loc) {
+                    Ok(s) => all.push(s),
+                    Err(e) => errors.push(serde_json::json!({ "pid": loc.pid, "error": e.to_string() })),
+                }
+            }
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({ "processes": all, "errors": errors }));
+            } else if all.is_empty() && errors.is_empty() {
+                println!("no process has the relive agent loaded");
+            } else {
+                for s in &all {
+                    print!("{}", render(s));
+                }
+                for e in &errors {
+                    eprintln!("relive: pid {}: {}", e["pid"], e["error"]);
+                }
+            }
+        }
+    }
+    Ok(())
+}
