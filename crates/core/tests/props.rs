@@ -43,7 +43,7 @@ fn object_of(f: usize) -> (ObjectId, bool) {
     }
 }
 fn func_id(f: usize) -> FuncId {
-    FuncId::new(object_of(f).0, &format!("f{f}"), if f % 2 == 0 { 0 } else { 1 })
+    FuncId::new(object_of(f).0, &format!("f{f}"), u32::from(f % 2 == 1))
 }
 fn old_range(f: usize) -> Range {
     let s = 0x1000 * (f as u64 + 1);

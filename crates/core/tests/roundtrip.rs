@@ -49,11 +49,24 @@ fn serde_model_round_trips_through_json_mid_transition() {
 
     // Stable top-level field names, with the format version first.
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert!(json.starts_with(&format!(r#"{{"format_version":{FORMAT_VERSION},"#)), "{json}");
+    assert!(
+        json.starts_with(&format!(r#"{{"format_version":{FORMAT_VERSION},"#)),
+        "{json}"
+    );
     let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(
         keys,
-        ["entries", "format_version", "max_depth", "patches", "stacks", "stubs", "threads", "tls_image", "transition"]
+        [
+            "entries",
+            "format_version",
+            "max_depth",
+            "patches",
+            "stacks",
+            "stubs",
+            "threads",
+            "tls_image",
+            "transition"
+        ]
     );
     assert_eq!(v["format_version"], FORMAT_VERSION);
     assert_eq!(v["transition"]["target"], "patched");
