@@ -180,10 +180,32 @@ fn run<B: Bench>(b: &Arc<B>, op: Op, threads: usize, keys: usize, batches: usize
     }
 }
 
+/// The per-field median of repeated runs.
+fn median_of(mut rs: Vec<Result>) -> Result {
+    let mid = rs.len() / 2;
+    let mut pick = |f: fn(&Result) -> f64| {
+        rs.sort_by(|a, b| f(a).total_cmp(&f(b)));
+        f(&rs[mid])
+    };
+    Result {
+        median_ns: pick(|r| r.median_ns),
+        p99_ns: pick(|r| r.p99_ns),
+        mops: pick(|r| r.mops),
+    }
+}
+
+/// `/proc/loadavg`'s first three fields: other work on the machine skews the multi-thread rows.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let keys = env_usize("SHADOW_BENCH_KEYS", 4096);
     let batches = env_usize("SHADOW_BENCH_BATCHES", 30);
+    let reps = env_usize("SHADOW_BENCH_REPS", 3).max(1);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let store = Arc::new(Store(ShadowStore::new(relive_agent::shadow::GLOBAL_BUCKET_BITS)));
@@ -206,8 +228,10 @@ fn main() {
 
     println!(
         "shadow store vs Mutex<HashMap>: {keys} keys, batches of {BATCH} ops ({} for alloc+free), \
-         {batches} batches per thread, {cpus} CPUs",
-        BATCH / 10
+         {batches} batches per thread, {cpus} CPUs; each cell is the median of {reps} alternating \
+         store/mutex repetitions; load average before: {}",
+        BATCH / 10,
+        loadavg()
     );
     println!();
     println!(
@@ -220,8 +244,12 @@ fn main() {
         ("alloc+free", Op::AllocFree),
     ] {
         for threads in [1usize, 2, 8, 16] {
-            let s = run(&store, op, threads, keys, batches);
-            let m = run(&locked, op, threads, keys, batches);
+            let (mut ss, mut ms) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                ss.push(run(&store, op, threads, keys, batches));
+                ms.push(run(&locked, op, threads, keys, batches));
+            }
+            let (s, m) = (median_of(ss), median_of(ms));
             println!(
                 "| {name} | {threads} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
                 s.median_ns,
@@ -238,7 +266,7 @@ fn main() {
         ("C ABI relive_shadow_get hit", Op::Hit),
         ("C ABI relive_shadow_get miss", Op::Miss),
     ] {
-        let e = run(&exported, op, 1, keys, batches);
+        let e = median_of((0..reps).map(|_| run(&exported, op, 1, keys, batches)).collect());
         println!(
             "| {name} | 1 | {:.1} | {:.1} | {:.1} | | | | |",
             e.median_ns, e.p99_ns, e.mops
@@ -247,6 +275,7 @@ fn main() {
     println!();
     println!(
         "ns/op = wall time of a batch / its ops, per thread (with more threads than CPUs it includes \
-         time preempted); Mops/s = ops of all threads / wall time."
+         time preempted); Mops/s = ops of all threads / wall time. Load average after: {}",
+        loadavg()
     );
 }
