@@ -435,6 +435,5 @@ pub fn encode_preserving_thunk(
 
 fn vreg(base: Register, n: u32) -> Register {
     // XMM0..XMM31, YMM0..YMM31, ZMM0..ZMM31 are consecutive in iced's Register enum.
-    let idx = base as u32 + n;
-    Register::values().find(|r| *r as u32 == idx).unwrap_or(base)
+    Register::try_from(base as usize + n as usize).unwrap_or(base)
 }
