@@ -70,7 +70,13 @@ fn serde_model_round_trips_through_json_mid_transition() {
     );
     assert_eq!(v["format_version"], FORMAT_VERSION);
     assert_eq!(v["transition"]["target"], "patched");
-    assert_eq!(v["threads"][0][0], 1, "threads are (tid, info) pairs");
+    assert_eq!(
+        v["threads"]["patched"],
+        serde_json::json!([1]),
+        "threads are tid lists per state"
+    );
+    assert_eq!(v["threads"]["unpatched"], serde_json::json!([2]));
+    assert_eq!(v["threads"]["pending"], serde_json::json!([2]));
 
     // The rebuilt model behaves exactly like the original.
     let mut a = sim.model.clone();
@@ -114,4 +120,19 @@ fn serde_outputs_and_errors_serialize_for_json_output() {
     let json = serde_json::to_string(&err).unwrap();
     assert!(json.contains(r#""kind":"busy""#), "{json}");
     assert_eq!(serde_json::from_str::<Error>(&json).unwrap(), err);
+}
+
+#[test]
+fn serde_rejects_inconsistent_thread_lists() {
+    let sim = busy_model();
+    let mut v: serde_json::Value = serde_json::to_value(&sim.model).unwrap();
+    v["threads"]["idle"] = serde_json::json!([1]);
+    let err = serde_json::from_value::<Model>(v.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("thread 1 is listed in two states"), "{err}");
+    v["threads"]["idle"] = serde_json::json!([]);
+    v["threads"]["pending"] = serde_json::json!([5]);
+    let err = serde_json::from_value::<Model>(v).unwrap_err().to_string();
+    assert!(err.contains("pending thread 5 has no state"), "{err}");
 }
