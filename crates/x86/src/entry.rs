@@ -139,6 +139,21 @@ impl EntryWrite {
     }
 }
 
+/// What an entry holds now, as read back from the target (for a controller that restarts after being killed
+/// mid-way, DESIGN.md §1: the next command sees where the transition stood).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    /// The original bytes.
+    Original,
+    /// relive's jump, to this address.
+    Jump(u64),
+    /// An int3 left by an interrupted int3 protocol (PAUSE-FREE.md §2): finish or undo it with the agent's
+    /// site table, which knows the intended bytes.
+    Int3,
+    /// Something else: another tool or a debugger changed the entry. Refuse to touch it.
+    Foreign,
+}
+
 /// What [`EntryPlan::direct_jump`] asks the driver to do: fill the near stub (if any) first, then the writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectJump {
@@ -603,6 +618,42 @@ impl EntryPlan {
             stub: Some((near_stub, encode_abs_jump(target))),
             writes,
         })
+    }
+
+    /// Classifies the bytes read back at the site (`write_len()` bytes) and, for [`EntryKind::PrePad`], at the
+    /// far site (5 bytes).
+    pub fn state(&self, at_site: &[u8], at_far_site: Option<&[u8]>) -> EntryState {
+        if at_site.first() == Some(&crate::int3::INT3)
+            || at_far_site.and_then(|b| b.first()) == Some(&crate::int3::INT3)
+        {
+            return EntryState::Int3;
+        }
+        let jump_at = |at: u64, b: &[u8]| -> Option<u64> {
+            (b.len() >= 5 && b[0] == 0xe9)
+                .then(|| (at + 5).wrapping_add(i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as i64 as u64))
+        };
+        match &self.kind {
+            EntryKind::PrePad {
+                far_site,
+                far_original,
+                ..
+            } => {
+                let far = at_far_site.unwrap_or(&[]);
+                if at_site == self.original.as_slice() && far == far_original.as_slice() {
+                    return EntryState::Original;
+                }
+                // The far jump alone (the entry write not done yet) still counts as original code running.
+                if at_site == self.original.as_slice() && jump_at(*far_site, far).is_some() {
+                    return EntryState::Original;
+                }
+                match (encode_jmp_rel8(self.site, *far_site), jump_at(*far_site, far)) {
+                    (Ok(short), Some(t)) if at_site == short.as_slice() => EntryState::Jump(t),
+                    _ => EntryState::Foreign,
+                }
+            }
+            _ if at_site == self.original.as_slice() => EntryState::Original,
+            _ => jump_at(self.site, at_site).map_or(EntryState::Foreign, EntryState::Jump),
+        }
     }
 
     /// True if the entry's `jmp rel32` reaches `dest` directly.

@@ -68,8 +68,8 @@ mod reloc;
 mod stub;
 
 pub use entry::{
-    DirectJump, ENDBR64, EntryContext, EntryKind, EntryPlan, EntryWrite, FunctionBytes, JMP_REL8_LEN,
-    JMP_REL32_LEN, ReadData, analyze_entry, encode_abs_jump, encode_jmp_rel8, encode_jmp_rel32,
+    DirectJump, ENDBR64, EntryContext, EntryKind, EntryPlan, EntryState, EntryWrite, FunctionBytes,
+    JMP_REL8_LEN, JMP_REL32_LEN, ReadData, analyze_entry, encode_abs_jump, encode_jmp_rel8, encode_jmp_rel32,
     rel32_reaches,
 };
 pub use error::{ClobberError, EncodeError, EntryError};

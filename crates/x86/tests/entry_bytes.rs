@@ -447,3 +447,35 @@ fn t_x86_4_5_old_path_pcs_map_back() {
     assert_eq!(r.original_pc(stub + 8), None, "the jump back has no original");
     assert!(r.contains(stub + 8) && !r.contains(stub + r.code.len() as u64));
 }
+
+#[test]
+fn t_x86_entry_state_read_back() {
+    let p = analyze(&FRAME).unwrap();
+    let dest = A + 0x1000;
+    let jump = p.install(dest).unwrap()[0].bytes.clone();
+    assert_eq!(p.state(&FRAME[..5], None), EntryState::Original);
+    assert_eq!(p.state(&jump, None), EntryState::Jump(dest));
+    assert_eq!(p.state(&[0xcc, 0x48, 0x89, 0xe5, 0x48], None), EntryState::Int3);
+    assert_eq!(
+        p.state(&[0xeb, 0xfe, 0x89, 0xe5, 0x48], None),
+        EntryState::Foreign
+    );
+
+    let pre = [0x90u8; 14];
+    let mut b = ENDBR64.to_vec();
+    b.extend([0x90, 0x90, 0x8d, 0x47, 0x01, 0xc3]);
+    let ctx = EntryContext {
+        pre_pad: &pre,
+        ..EntryContext::default()
+    };
+    let pp = analyze_entry(f(&b), &ctx).unwrap();
+    let w = pp.install(dest).unwrap();
+    assert_eq!(pp.state(&[0x90, 0x90], Some(&[0x90; 5])), EntryState::Original);
+    assert_eq!(
+        pp.state(&[0x90, 0x90], Some(&w[0].bytes)),
+        EntryState::Original,
+        "far jump written, entry not yet"
+    );
+    assert_eq!(pp.state(&w[1].bytes, Some(&w[0].bytes)), EntryState::Jump(dest));
+    assert_eq!(pp.state(&w[1].bytes, Some(&[0x90; 5])), EntryState::Foreign);
+}
