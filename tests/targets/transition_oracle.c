@@ -66,6 +66,9 @@ static void spin_outside(void) {
     }
 }
 
+/* --duty N: workers sleep 100 us after every N calls (0: never), so a test can leave CPU to the controller. */
+static long duty;
+
 static void *worker(void *arg) {
     int w = (int)(long)arg;
     for (long n = 0;; n++) {
@@ -73,6 +76,10 @@ static void *worker(void *arg) {
         if (v >= 0 && v < MAXV) atomic_fetch_add(&oracle_calls[v], 1);
         atomic_store(&oracle_worker_version[w], v);
         spin_outside();
+        if (duty && n % duty == 0) {
+            struct timespec ts = {0, 100 * 1000};
+            nanosleep(&ts, NULL);
+        }
     }
     return NULL;
 }
@@ -160,6 +167,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--stall")) stall = 1;
         if (!strcmp(argv[i], "--signals")) sigs = 1;
         if (!strcmp(argv[i], "--churn") && i + 1 < argc) churn_total = atol(argv[++i]);
+        if (!strcmp(argv[i], "--duty") && i + 1 < argc) duty = atol(argv[++i]);
     }
     if (sigs) {
         struct sigaction sa;

@@ -37,6 +37,9 @@ pub enum Failure {
     Error(anyhow::Error),
     /// Carried out, but a transition is still pending (exit 4).
     Timeout(anyhow::Error),
+    /// Like `Timeout`, but the command already printed its JSON document (the pending transition's report),
+    /// so `finish` adds none: stdout stays one document.
+    TimeoutReported(anyhow::Error),
 }
 
 impl From<anyhow::Error> for Failure {
@@ -61,6 +64,10 @@ impl Ctx {
 pub fn finish(ctx: &Ctx, result: CmdResult) -> i32 {
     let (code, kind, err) = match result {
         Ok(()) => return exit::OK,
+        Err(Failure::TimeoutReported(e)) => {
+            eprintln!("relive: {e:#}");
+            return exit::TIMEOUT;
+        }
         Err(Failure::Refused(e)) => (exit::REFUSED, "refused", e),
         Err(Failure::Error(e)) => (exit::ERROR, "error", e),
         Err(Failure::Timeout(e)) => (exit::TIMEOUT, "timeout", e),

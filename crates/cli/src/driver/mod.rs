@@ -181,8 +181,10 @@ pub fn report_outcome(ctx: &Ctx, r: Result<Report, Fail>) -> CmdResult {
         Err(Fail::Timeout(rep)) => {
             if ctx.json {
                 ctx.print_json(&rep);
+                Err(Failure::TimeoutReported(anyhow!("{}", rep.summary())))
+            } else {
+                Err(Failure::Timeout(anyhow!("{}", rep.summary())))
             }
-            Err(Failure::Timeout(anyhow!("{}", rep.summary())))
         }
         Err(Fail::Refused(e)) => Err(Failure::Refused(e)),
         Err(Fail::Error(e)) => Err(Failure::Error(e)),

@@ -67,8 +67,11 @@ impl Session {
                 Err(e) => return Err(Fail::Error(anyhow!(e))),
             }
         };
+        let t0 = std::time::Instant::now();
         let mut conn = AgentConn::open(&loc, Duration::from_secs(10)).map_err(|e| Fail::Error(anyhow!(e)))?;
+        tracing::debug!(pid, "agent channel open in {:?}", t0.elapsed());
         conn.lock().map_err(|e| Fail::Error(anyhow!(e)))?;
+        tracing::debug!(pid, "controller lock taken after {:?}", t0.elapsed());
         let snap = agent::read_registry(&loc).map_err(|e| Fail::Error(anyhow!(e)))?;
         let doc = if snap.body.is_empty() {
             Doc::default()

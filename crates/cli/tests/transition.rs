@@ -1,0 +1,204 @@
+//! Live tests of the transition driver (issue 5) on the consistency oracle (tests/targets/transition_oracle.c):
+//! eight workers call f → g in a loop, two sleepers sit in other functions; each patch's f checks that it
+//! reached its own g and counts any mix. Tests that stop every thread are named `serial_`.
+
+mod transition_common;
+use transition_common::*;
+
+/// Issue 5 test 1 (SPEC C5, C5a, H3): 100 apply/disable cycles under load; every thread reaches the new
+/// code, the mix count stays zero, nothing crashes.
+#[test]
+fn serial_t_issue5_1_consistency_oracle_100_cycles() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("a", &["VERSION=2"]);
+    let a = a.to_str().unwrap();
+    let cycles: u32 = std::env::var("RELIVE_ORACLE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for i in 0..cycles {
+        ok(&["apply", &pid, a]);
+        let s = t.wait_workers(2);
+        assert_eq!(num(&s, "mix"), 0, "cycle {i}: mix after apply: {s:?}");
+        ok(&["disable", &pid, "a"]);
+        let s = t.wait_workers(1);
+        assert_eq!(num(&s, "mix"), 0, "cycle {i}: mix after disable: {s:?}");
+        assert!(t.alive(), "the target died in cycle {i}");
+    }
+    let s = t.stats();
+    assert_eq!(num(&s, "mix"), 0);
+    assert!(num(&s, "v2") > 0 && num(&s, "v1") > 0, "{s:?}");
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(o)))
+}
+
+/// Issue 5 test 2 (T-cb9, SPEC C5 "sleeping on function", L6, C11): a thread sleeps inside a patched function.
+/// The transition stalls and names that thread, the function and the frame; `disable` reverses it; `force`
+/// completes it instead and the outcome is marked forced.
+#[test]
+fn serial_t_issue5_2_stall_reverse_and_force_t_cb9() {
+    let mut t = oracle(&["--stall", "--duty", "200"]);
+    let pid = t.pid().to_string();
+    let s = patch("s", &["VERSION=2", "STALL=1"]);
+    let s = s.to_str().unwrap();
+    let holder = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|tid| {
+            let stack = relive(&["stacks", &pid, "--tid", &tid.to_string()]);
+            text(&stack).contains("held")
+        })
+        .expect("a thread sleeping in held");
+    // Stall: exit 4 (timeout, still pending), the blocker named with tid, function and frame.
+    let o = relive(&["--json", "apply", &pid, s, "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["outcome"], "pending", "{j}");
+    let b = j["blockers"].as_array().unwrap();
+    let held = b
+        .iter()
+        .find(|b| b["tid"] == holder)
+        .unwrap_or_else(|| panic!("holder {holder} not reported: {j}"));
+    assert_eq!(held["function"], "held", "{j}");
+    assert!(held["frame"].as_u64().is_some(), "{j}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("thread {holder} is inside held")),
+        "{}",
+        text(&o)
+    );
+    // Busy: another apply is refused while the transition is pending (L1 step 10).
+    let b2 = patch("b2", &["VERSION=3", "ONLY_F=1"]);
+    let o = relive(&["apply", &pid, b2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // Reverse (L6): back to the original everywhere.
+    ok(&["disable", &pid, "s"]);
+    let st = t.wait_workers(1);
+    assert_eq!(num(&st, "mix"), 0);
+    assert!(!t.maps().contains(s), "the reversed patch's library stays mapped");
+    // Force (C11) instead.
+    let o = relive(&["apply", &pid, s, "--no-wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = relive(&["--json", "force", &pid]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["outcome"], "completed", "{j}");
+    assert_eq!(j["forced"], true, "{j}");
+    let st = t.wait_workers(2);
+    assert_eq!(num(&st, "mix"), 0);
+    assert!(t.alive());
+}
+
+/// Issue 5 test 3 (SPEC R1–R4, R6): apply A, then B with replace: only B stays active, A's library leaves the
+/// process, and A's callbacks do not run.
+#[test]
+fn serial_t_issue5_3_replace_drops_a_without_its_callbacks() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("ra", &["VERSION=2", "CALLBACKS=1"]);
+    let b = patch("rb", &["VERSION=3", "REPLACE=1", "CALLBACKS=1"]);
+    ok(&["apply", &pid, a.to_str().unwrap()]);
+    t.wait_workers(2);
+    ok(&["apply", &pid, b.to_str().unwrap()]);
+    let st = t.wait_workers(3);
+    assert_eq!(num(&st, "mix"), 0);
+    assert!(
+        !t.maps().contains(a.to_str().unwrap()),
+        "A's library is still mapped after the replace"
+    );
+    assert!(t.maps().contains(b.to_str().unwrap()));
+    let cbs = t.callbacks();
+    assert_eq!(
+        cbs,
+        [
+            "callback ra pre_patch",
+            "callback ra post_patch",
+            "callback rb pre_patch",
+            "callback rb post_patch"
+        ],
+        "A's callbacks must not run on replace (R4.1)"
+    );
+    // Only B is active: A cannot be disabled any more (refused), B can.
+    let o = relive(&["disable", &pid, "ra"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    ok(&["disable", &pid, "rb"]);
+    t.wait_workers(1);
+}
+
+/// Issue 5 test 4 (SPEC K5): A active, then C (non-replace, same function) is refused, and the target's text and
+/// memory map are byte-for-byte unchanged.
+#[test]
+fn serial_t_issue5_4_conflict_refused_target_unchanged_k5() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("ka", &["VERSION=2"]);
+    let c = patch("kc", &["VERSION=4"]);
+    ok(&["apply", &pid, a.to_str().unwrap()]);
+    t.wait_workers(2);
+    let before = text_and_maps(&t);
+    let o = relive(&["apply", &pid, c.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let msg = text(&o);
+    assert!(
+        msg.contains("ka") && msg.contains('f'),
+        "the refusal names the owner and the function: {msg}"
+    );
+    let after = text_and_maps(&t);
+    assert!(before.0 == after.0, "the executable's text changed");
+    assert_eq!(before.1, after.1, "the memory map changed");
+    assert_eq!(num(&t.stats(), "mix"), 0);
+}
+
+/// Issue 5 test 5 (SPEC K5 opt-in, K2): with --allow-stacking C is accepted and wins; disabling A first, then C,
+/// leaves dispatch correct at each step.
+#[test]
+fn serial_t_issue5_5_stacking_newest_wins_disable_in_any_order_k2() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("sa", &["VERSION=2"]);
+    let c = patch("sc", &["VERSION=4"]);
+    ok(&["apply", &pid, a.to_str().unwrap()]);
+    t.wait_workers(2);
+    ok(&["apply", &pid, c.to_str().unwrap(), "--allow-stacking"]);
+    let st = t.wait_workers(4);
+    assert_eq!(num(&st, "mix"), 0);
+    ok(&["disable", &pid, "sa"]);
+    let st = t.wait_workers(4);
+    assert_eq!(num(&st, "mix"), 0);
+    ok(&["disable", &pid, "sc"]);
+    let st = t.wait_workers(1);
+    assert_eq!(num(&st, "mix"), 0);
+}
+
+/// Issue 5 test 7 (SPEC L7, CB5): pre_patch returns an error: `relive apply` fails with it and leaves nothing
+/// behind.
+#[test]
+fn serial_t_issue5_7_failing_pre_patch_leaves_nothing_cb5() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("fp", &["VERSION=2", "CALLBACKS=1", "FAIL_PRE=1"]);
+    let (text0, maps0) = text_and_maps(&t);
+    let o = relive(&["apply", &pid, p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let msg = text(&o);
+    assert!(
+        msg.contains("pre_patch") && msg.contains("-19"),
+        "the error names the callback and its result: {msg}"
+    );
+    let (text1, maps1) = text_and_maps(&t);
+    assert!(text0 == text1, "the executable's text changed");
+    assert!(
+        !maps1.contains(p.to_str().unwrap()),
+        "the patch library stayed mapped"
+    );
+    let _ = maps0;
+    assert_eq!(
+        t.callbacks(),
+        ["callback fp pre_patch"],
+        "CB5: no other callback runs"
+    );
+    let st = t.wait_workers(1);
+    assert_eq!(num(&st, "mix"), 0);
+}
