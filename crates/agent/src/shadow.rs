@@ -44,6 +44,9 @@
 //! ctor and dtor run under the store lock (SV3, SV5): they must not block for long and must not call
 //! the store's writers; they may call `get`.
 //!
+//! fork: the process-wide store hands its lock over across `fork` (pthread_atfork), so a child of a
+//! multi-threaded target always starts with a usable store holding the parent's variables.
+//!
 //! Nothing is ever freed implicitly (SV7): the store knows no patches. A variable lives until
 //! `free`/`free_all`, whichever patch (old, cumulative successor, or C code) calls it.
 
@@ -169,6 +172,50 @@ impl Drop for Locked<'_> {
         // Cleared before the mutex is released (the guard field drops after this body).
         self.owner.store(0, Relaxed);
     }
+}
+
+/// Fork safety of the process-wide store: a child of a multi-threaded process inherits the store
+/// lock in whatever state it was, so a fork while another thread held it would leave every writer
+/// in the child deadlocked. The prepare handler takes the lock (waiting for a running ctor/dtor to
+/// finish) and the parent/child handlers release it, so the child starts with a free lock and a
+/// consistent table. Registered on the first write to the global store (before that the lock has
+/// never been taken). A fork called from inside a ctor/dtor (lock held by the forking thread)
+/// skips the hand-off.
+struct ForkHold(core::cell::UnsafeCell<Option<MutexGuard<'static, Writer>>>);
+
+// SAFETY: only the thread that calls fork() touches it, in the prepare handler and then in the
+// parent or child handler of that same fork (glibc runs them on the forking thread).
+unsafe impl Sync for ForkHold {}
+
+static FORK_HOLD: ForkHold = ForkHold(core::cell::UnsafeCell::new(None));
+
+fn register_atfork() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are plain functions valid for the life of the process (the agent is
+        // never unloaded: DESIGN §4.6).
+        let rc = unsafe { libc::pthread_atfork(Some(atfork_prepare), Some(atfork_release), Some(atfork_release)) };
+        if rc != 0 {
+            GLOBAL.diag.emit(format_args!(
+                "pthread_atfork failed ({rc}): a fork during a shadow alloc/free may deadlock the child's writers"
+            ));
+        }
+    });
+}
+
+unsafe extern "C" fn atfork_prepare() {
+    if GLOBAL.owner.load(Relaxed) == this_thread() {
+        return;
+    }
+    let guard = GLOBAL.writer.lock().unwrap_or_else(PoisonError::into_inner);
+    // SAFETY: see `ForkHold`: only the forking thread accesses the cell.
+    unsafe { *FORK_HOLD.0.get() = Some(guard) };
+}
+
+unsafe extern "C" fn atfork_release() {
+    // SAFETY: see `ForkHold`. Dropping the guard unlocks (in the child, the forking thread is the
+    // child's only thread and owns the lock).
+    drop(unsafe { (*FORK_HOLD.0.get()).take() });
 }
 
 fn this_thread() -> usize {
@@ -482,6 +529,9 @@ impl ShadowStore {
     }
 
     fn lock(&self, obj: *const c_void, id: u64, what: &str) -> Option<Locked<'_>> {
+        if core::ptr::eq(self, &GLOBAL) {
+            register_atfork();
+        }
         let me = this_thread();
         if self.owner.load(Relaxed) == me {
             self.diag.emit(format_args!(

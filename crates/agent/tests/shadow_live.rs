@@ -136,3 +136,22 @@ fn live_c_target_without_agent_reports_missing_abi() {
     let status = child.child_mut().wait().expect("wait");
     assert_eq!(status.code(), Some(2), "{status}");
 }
+
+/// Fork safety: a child forked while other threads allocate and free shadow variables gets a
+/// usable store (the agent hands the store lock over across fork with pthread_atfork) and sees
+/// the parent's variables.
+#[test]
+fn live_fork_during_shadow_writes_leaves_child_store_usable() {
+    let exe = compile_c("shadow_fork", &["shadow_fork.c"], FLAGS);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("300").env("LD_PRELOAD", agent_so());
+    let mut child =
+        spawn_guarded(cmd, "ready", relive_testkit::READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(next(&child, "forks ok"), "forks ok n=300");
+    let status = child.child_mut().wait().expect("wait");
+    assert!(
+        status.success(),
+        "target pid {} exited with {status}",
+        child.pid()
+    );
+}
