@@ -144,10 +144,10 @@ fn live_c_target_without_agent_reports_missing_abi() {
 fn live_fork_during_shadow_writes_leaves_child_store_usable() {
     let exe = compile_c("shadow_fork", &["shadow_fork.c"], FLAGS);
     let mut cmd = Command::new(&exe);
-    cmd.arg("300").env("LD_PRELOAD", agent_so());
+    cmd.arg("150").env("LD_PRELOAD", agent_so());
     let mut child =
         spawn_guarded(cmd, "ready", relive_testkit::READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(next(&child, "forks ok"), "forks ok n=300");
+    assert_eq!(next(&child, "forks ok"), "forks ok n=150");
     let status = child.child_mut().wait().expect("wait");
     assert!(
         status.success(),

@@ -1,7 +1,7 @@
 //! Shadow variables for Rust patches (SPEC §7, SV1–SV7): typed data that a patch attaches to
 //! existing objects of the target without changing their layout.
 //!
-//! ```ignore
+//! ```text
 //! use core::sync::atomic::{AtomicU64, Ordering};
 //! use relive_patch::shadow::Shadow;
 //!
