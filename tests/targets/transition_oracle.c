@@ -51,6 +51,10 @@ __attribute__((noipa)) int f(long x) {
     return 1;
 }
 
+/* Shorter than the 5-byte entry jump: relive must refuse to patch it (issue 7 error tests). */
+__attribute__((noipa)) void tiny(void) {
+}
+
 /* A patched function a thread can sleep in forever (test 2). */
 __attribute__((noipa)) long held(long x) {
     for (;;) {
@@ -184,6 +188,7 @@ int main(int argc, char **argv) {
     if (churn_total) pthread_create(&t, NULL, churner, NULL);
     if (sigs) pthread_create(&t, NULL, signaller, NULL);
     pthread_create(&t, NULL, reader, NULL);
+    tiny();
     /* Wait until every worker has made a call before declaring readiness. */
     for (;;) {
         int all = 1;

@@ -7,9 +7,13 @@
  *   -DSTALL=1          also replaces `held`, which a thread sleeps in forever (T-cb9)
  *   -DCALLBACKS=1      the four callbacks print "callback <name> <kind>" on the target's stdout
  *   -DFAIL_PRE=1       pre_patch returns -19 (ENODEV; T-cb5 / issue 5 test 7)
+ *   -DBUILD_ID=hex     pins the executable's build-id
+ *   -DMISSING=1        also replaces a function the target does not have
+ *   -DTINY=1           also replaces `tiny`, a function shorter than a jump (unpatchable entry)
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
  * the new f must reach the new g, and the old f the old g; any mix is counted in oracle_mix.
  */
+#include <relive.h>
 #include <stdatomic.h>
 #include <stdio.h>
 
@@ -33,24 +37,6 @@
 #define G_TAG VERSION
 #endif
 
-__attribute__((used, section(".relive_manifest"))) static const char relive_manifest[] =
-    "relive-manifest/1\n"
-    "patch name=" STR(PATCH_NAME) " replace=" STR(REPLACE) " stacking=" STR(STACKING) "\n"
-    "object name=exe\n"
-    "func object=exe old=f sympos=0 new=f_v\n"
-#ifndef ONLY_F
-    "func object=exe old=g sympos=0 new=g_v\n"
-#endif
-#ifdef STALL
-    "func object=exe old=held sympos=0 new=held_v\n"
-#endif
-#ifdef CALLBACKS
-    "callback object=exe kind=pre_patch fn=cb_pre_patch\n"
-    "callback object=exe kind=post_patch fn=cb_post_patch\n"
-    "callback object=exe kind=pre_unpatch fn=cb_pre_unpatch\n"
-    "callback object=exe kind=post_unpatch fn=cb_post_unpatch\n"
-#endif
-    ;
 
 extern atomic_long oracle_mix;
 extern volatile long oracle_sink;
@@ -78,6 +64,29 @@ long held_v(long x) {
 }
 #endif
 
+/* The manifest (include/relive.h). */
+RELIVE_PATCH(STR(PATCH_NAME), REPLACE, STACKING);
+#ifdef BUILD_ID
+RELIVE_OBJECT("exe", STR(BUILD_ID));
+#else
+RELIVE_OBJECT("exe", "");
+#endif
+RELIVE_FUNC("exe", f, 0, f_v);
+#ifndef ONLY_F
+RELIVE_FUNC("exe", g, 0, g_v);
+#endif
+#ifdef STALL
+RELIVE_FUNC("exe", held, 0, held_v);
+#endif
+#ifdef MISSING
+RELIVE_FUNC("exe", no_such_function, 0, f_v);
+#endif
+#ifdef TINY
+void tiny_v(void) {
+}
+RELIVE_FUNC("exe", tiny, 0, tiny_v);
+#endif
+
 #ifdef CALLBACKS
 int cb_pre_patch(void) {
     printf("callback " STR(PATCH_NAME) " pre_patch\n");
@@ -103,4 +112,11 @@ int cb_post_unpatch(void) {
     fflush(stdout);
     return 0;
 }
+#endif
+
+#ifdef CALLBACKS
+RELIVE_CALLBACK("exe", pre_patch, cb_pre_patch);
+RELIVE_CALLBACK("exe", post_patch, cb_post_patch);
+RELIVE_CALLBACK("exe", pre_unpatch, cb_pre_unpatch);
+RELIVE_CALLBACK("exe", post_unpatch, cb_post_unpatch);
 #endif

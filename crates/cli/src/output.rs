@@ -40,6 +40,8 @@ pub enum Failure {
     /// Like `Timeout`, but the command already printed its JSON document (the pending transition's report),
     /// so `finish` adds none: stdout stays one document.
     TimeoutReported(anyhow::Error),
+    /// Like `Refused`, but the command already printed its JSON document (e.g. `check`'s verdicts).
+    RefusedReported(anyhow::Error),
 }
 
 impl From<anyhow::Error> for Failure {
@@ -67,6 +69,10 @@ pub fn finish(ctx: &Ctx, result: CmdResult) -> i32 {
         Err(Failure::TimeoutReported(e)) => {
             eprintln!("relive: {e:#}");
             return exit::TIMEOUT;
+        }
+        Err(Failure::RefusedReported(e)) => {
+            eprintln!("relive: {e:#}");
+            return exit::REFUSED;
         }
         Err(Failure::Refused(e)) => (exit::REFUSED, "refused", e),
         Err(Failure::Error(e)) => (exit::ERROR, "error", e),

@@ -69,10 +69,15 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
             )
             .next()
             .unwrap_or_default();
-        Err(Failure::Refused(anyhow::anyhow!(
+        let e = anyhow::anyhow!(
             "patch {} would be refused for pid {}: {first}",
             report.patch,
             report.pid
-        )))
+        );
+        Err(if ctx.json {
+            Failure::RefusedReported(e)
+        } else {
+            Failure::Refused(e)
+        })
     }
 }

@@ -27,6 +27,8 @@ pub const EXAMPLES: &str = "Examples:
 
 const SERVICE_C: &str = include_str!("../../../../examples/demo/service.c");
 const PATCH_C: &str = include_str!("../../../../examples/demo/patch.c");
+const RELIVE_H: &str = include_str!("../../../../include/relive.h");
+const RELIVE_SHADOW_H: &str = include_str!("../../../../include/relive_shadow.h");
 
 const ORIGINAL: &str = "hello from the original service";
 const PATCHED: &str = "hello from the live patch";
@@ -65,6 +67,8 @@ fn say(ctx: &Ctx, msg: &str) {
 fn compile(workdir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::write(workdir.join("service.c"), SERVICE_C)?;
     std::fs::write(workdir.join("patch.c"), PATCH_C)?;
+    std::fs::write(workdir.join("relive.h"), RELIVE_H)?;
+    std::fs::write(workdir.join("relive_shadow.h"), RELIVE_SHADOW_H)?;
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let service = workdir.join("relive-demo-service");
     let patch = workdir.join("demo-patch.so");
