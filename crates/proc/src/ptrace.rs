@@ -142,6 +142,26 @@ pub fn decode_status(status: i32) -> StopKind {
     }
 }
 
+/// Reaps a dead tracee (bounded: gives up after a second if it does not report its exit).
+fn reap_dead(tid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int to `status`, a valid local.
+        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        if r == tid && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) {
+            return;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// A thread that relive has seized and stopped. Detaches (the thread runs on) when dropped.
 #[derive(Debug)]
 pub struct StoppedThread {
@@ -373,7 +393,13 @@ impl StoppedThread {
         }
         self.attached = false;
         if ptrace(libc::PTRACE_DETACH, self.tid, 0, sig as u64) != 0 {
-            return Err(ProcError::last_os(self.pid, Some(self.tid), "PTRACE_DETACH"));
+            let e = ProcError::last_os(self.pid, Some(self.tid), "PTRACE_DETACH");
+            if e.is_target_died() {
+                // The tracee was killed while stopped: it stays a zombie until its tracer reaps it,
+                // and its process cannot be reaped before that. Reap it.
+                reap_dead(self.tid);
+            }
+            return Err(e);
         }
         Ok(())
     }

@@ -1,0 +1,181 @@
+//! Live tests of relive-proc (DESIGN §4.1, §4.3; issue 3) against C targets compiled at test time.
+
+use relive_proc::{
+    ImageOptions, ProcError, ProcessImage, list_threads, read_memory, stop_all, stop_thread, thread_info,
+    write_code, write_data,
+};
+use relive_testkit::{compile_c, spawn_target};
+use std::time::{Duration, Instant};
+
+const FLAGS: &[&str] = &["-O2", "-fomit-frame-pointer", "-pthread"];
+
+fn state(pid: i32, tid: i32) -> char {
+    thread_info(pid, tid).map(|i| i.state).unwrap_or('?')
+}
+
+fn wait_state(pid: i32, tids: &[i32], ok: impl Fn(char) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tids.iter().all(|&t| ok(state(pid, t))) {
+        assert!(
+            Instant::now() < deadline,
+            "threads of {pid} never reached the expected state"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// DESIGN §4.1: stop-all seizes every thread (re-listing until none is new) and resumes all.
+#[test]
+fn serial_t_d41_stop_all_then_resume_all() {
+    let exe = compile_c("stacks_many", &["stacks_many.c"], FLAGS);
+    let target = spawn_target(&exe, &["300", "3"], "ready");
+    let pid = target.pid();
+    let tids = list_threads(pid).unwrap();
+    assert_eq!(tids.len(), 301);
+    wait_state(pid, &tids[1..], |s| s == 'S');
+    let stopped = stop_all(pid).unwrap();
+    assert_eq!(stopped.threads.len(), 301);
+    for &t in &tids {
+        assert_eq!(state(pid, t), 't', "thread {t} not in tracing stop");
+        assert!(stopped.thread(t).is_some());
+    }
+    let fs: std::collections::HashSet<u64> = stopped
+        .threads
+        .iter()
+        .map(|t| t.regs().unwrap().fs_base)
+        .collect();
+    assert_eq!(fs.len(), 301, "every thread has its own fs_base (TLS)");
+    assert!(!fs.contains(&0));
+    stopped.resume().unwrap();
+    wait_state(pid, &tids, |s| s == 'S');
+}
+
+/// DESIGN §4.1: a thread stopped and resumed over and over while real-time signals arrive loses
+/// none of them (they are re-injected, or delivered after the detach).
+#[test]
+fn serial_t_d41_signals_are_not_lost_while_stopping() {
+    let exe = compile_c("stacks_signals", &["stacks_signals.c"], FLAGS);
+    let target = spawn_target(&exe, &[], "ready");
+    let pid = target.pid();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let victim = loop {
+        if let Some(t) = list_threads(pid)
+            .unwrap()
+            .into_iter()
+            .find(|&t| thread_info(pid, t).unwrap().name == "victim")
+        {
+            break t;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    };
+    const N: usize = 300;
+    let sender = std::thread::spawn(move || {
+        for _ in 0..N {
+            let r = tgkill(pid, victim, libc::SIGRTMIN());
+            assert_eq!(r, 0);
+            std::thread::yield_now();
+        }
+    });
+    let mut stops = 0;
+    while !sender.is_finished() || stops < 200 {
+        let t = stop_thread(pid, victim).unwrap();
+        assert!(t.regs().unwrap().fs_base != 0);
+        t.resume().unwrap();
+        stops += 1;
+    }
+    sender.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tgkill(pid, pid, libc::SIGUSR2);
+        if let Some(line) = target.next_line(Duration::from_millis(200))
+            && line == format!("count {N}")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the victim did not receive all {N} signals"
+        );
+    }
+}
+
+fn tgkill(pid: i32, tid: i32, sig: i32) -> i32 {
+    // SAFETY: tgkill takes three integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) as i32 }
+}
+
+/// DESIGN §4.3: code is written through /proc/PID/mem (read-only text, no mprotect); a data write
+/// (process_vm_writev) to the same text fails with a memory error naming the address.
+#[test]
+fn t_d43_write_code_into_readonly_text() {
+    let exe = compile_c(
+        "stacks_tu_nopie",
+        &["stacks_tu1.c", "stacks_tu2.c"],
+        &[
+            "-O2",
+            "-fomit-frame-pointer",
+            "-fno-pie",
+            "-no-pie",
+            "-fcf-protection=full",
+            "-pthread",
+        ],
+    );
+    let target = spawn_target(&exe, &[], "ready");
+    let pid = target.pid();
+    let image = ProcessImage::load(pid, &ImageOptions::default()).unwrap();
+    let name = exe.file_name().unwrap().to_str().unwrap();
+    // tu2_start ran once at startup and never runs again.
+    let (addr, sym) = image.resolve(name, "tu2_start", 0).unwrap();
+    assert!(sym.size >= 8);
+    let mut orig = [0u8; 8];
+    read_memory(pid, addr.0, &mut orig).unwrap();
+    let patch = [0xcc, 0x90, 0x90, 0xcc, 0x0f, 0x0b, 0x90, 0xcc];
+    let e = write_data(pid, addr.0, &patch).unwrap_err();
+    assert!(matches!(e, ProcError::Memory { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("{:#x}", addr.0)), "{e}");
+    write_code(pid, addr.0, &patch).unwrap();
+    let mut back = [0u8; 8];
+    read_memory(pid, addr.0, &mut back).unwrap();
+    assert_eq!(back, patch);
+    let t = stop_thread(pid, pid).unwrap();
+    relive_proc::write_code_via(&t, addr.0, &orig).unwrap();
+    t.poke_bytes(addr.0 + 1, &orig[1..4]).unwrap();
+    drop(t);
+    read_memory(pid, addr.0, &mut back).unwrap();
+    assert_eq!(back, orig);
+}
+
+/// DESIGN §4.1: ESRCH means the target died: one error kind naming pid and thread.
+#[test]
+fn t_d41_target_died_is_one_error_kind() {
+    let exe = compile_c("stacks_many", &["stacks_many.c"], FLAGS);
+    let mut target = spawn_target(&exe, &["2", "1"], "ready");
+    let pid = target.pid();
+    let tid = list_threads(pid).unwrap()[1];
+    let t = stop_thread(pid, tid).unwrap();
+    target.child_mut().kill().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match t.regs() {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "regs of a killed thread kept succeeding"
+            ),
+        }
+        std::thread::yield_now();
+    };
+    assert!(e.is_target_died(), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("target died") && msg.contains(&tid.to_string()) && msg.contains(&pid.to_string()),
+        "{msg}"
+    );
+    drop(t);
+    target.child_mut().wait().unwrap();
+    let e = stop_thread(pid, tid).unwrap_err();
+    assert!(e.is_target_died(), "{e:?}");
+    let e = list_threads(pid).unwrap_err();
+    assert!(matches!(e, ProcError::NoSuchProcess { .. }), "{e:?}");
+}
