@@ -46,6 +46,7 @@ fn main() {
     let mut t_reloc = Vec::new();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut plans = Vec::new();
+    let mut refusals: Vec<String> = Vec::new();
     for (name, addr, bytes) in &funcs {
         let t = Instant::now();
         let d = decode_all(*addr, bytes);
@@ -72,10 +73,15 @@ fn main() {
                 EntryKind::PrePad { .. } => "plan: pre-entry pad".to_string(),
                 EntryKind::Displaced { .. } => "plan: displaced".to_string(),
             },
-            Err(e) => format!(
-                "refused: {}",
-                format!("{e:?}").split([' ', '{']).next().unwrap_or("?")
-            ),
+            Err(e) => {
+                if !matches!(e, EntryError::TooShort { .. }) {
+                    refusals.push(e.to_string());
+                }
+                format!(
+                    "refused: {}",
+                    format!("{e:?}").split([' ', '{']).next().unwrap_or("?")
+                )
+            }
         };
         *kinds.entry(k).or_default() += 1;
 
@@ -170,5 +176,8 @@ fn main() {
     println!();
     for (k, n) in &kinds {
         println!("{k:<44} {n:>7}");
+    }
+    for r in refusals.iter().take(8) {
+        println!("  {r}");
     }
 }

@@ -80,7 +80,7 @@ pub use regs::{
 };
 pub use reloc::{Relocated, decode_all, relocate};
 pub use stub::{
-    DISPATCHER_MAX_LEN, Direction, Dispatch, StateWidth, TlsSlot, encode_dispatcher, encode_jump,
+    DISPATCHER_MAX_LEN, Direction, Dispatch, StateWidth, StubPage, TlsSlot, encode_dispatcher, encode_jump,
 };
 
 /// Re-exported so that callers can name decoded instructions (e.g. [`EntryKind::Displaced`]).

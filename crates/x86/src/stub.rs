@@ -116,3 +116,70 @@ pub fn encode_jump(at: u64, target: u64) -> Vec<u8> {
         Err(_) => crate::entry::encode_abs_jump(target).to_vec(),
     }
 }
+
+/// Lays out stubs in one page at increasing 16-byte aligned offsets. Each piece is encoded by a closure at
+/// its final address, so relative displacements are right. Unused bytes are `int3`.
+///
+/// ```
+/// use relive_x86::*;
+/// let mut page = StubPage::new(0x7000_0000, 4096);
+/// let a = page.place(|at| Ok(encode_jump(at, 0x7000_5000))).unwrap();
+/// let b = page.place(|at| Ok(encode_abs_jump(0x7f00_0000_0000).to_vec())).unwrap();
+/// assert_eq!((a, b), (0x7000_0000, 0x7000_0010));
+/// assert_eq!(page.bytes().len(), 16 + 14);
+/// ```
+#[derive(Debug, Clone)]
+pub struct StubPage {
+    base: u64,
+    size: usize,
+    code: Vec<u8>,
+}
+
+impl StubPage {
+    pub fn new(base: u64, size: usize) -> StubPage {
+        StubPage {
+            base,
+            size,
+            code: Vec::new(),
+        }
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The address the next piece will get.
+    pub fn cursor(&self) -> u64 {
+        self.base + self.code.len().next_multiple_of(16) as u64
+    }
+
+    /// Encodes a piece at the cursor with `encode(address)` and returns its address.
+    pub fn place(
+        &mut self,
+        encode: impl FnOnce(u64) -> Result<Vec<u8>, EncodeError>,
+    ) -> Result<u64, EncodeError> {
+        let at = self.cursor();
+        let code = encode(at)?;
+        let start = (at - self.base) as usize;
+        if start + code.len() > self.size {
+            return Err(EncodeError::Invalid {
+                what: "stub page".into(),
+                at,
+                reason: format!(
+                    "{} more bytes do not fit the {}-byte page at {:#x}; map another page",
+                    code.len(),
+                    self.size,
+                    self.base
+                ),
+            });
+        }
+        self.code.resize(start, crate::int3::INT3);
+        self.code.extend(code);
+        Ok(at)
+    }
+
+    /// The page's contents from its base up to the end of the last piece: one write into the r-x page.
+    pub fn bytes(&self) -> &[u8] {
+        &self.code
+    }
+}

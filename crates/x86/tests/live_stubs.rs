@@ -119,31 +119,35 @@ fn t_h3_live_dispatch_patch_complete_unpatch() {
         patched: 1,
         unpatched: 0,
     };
-    let old = STUB;
-    let d_patch = STUB + 0x100;
-    let d_unpatch = STUB + 0x200;
-    let old_code = p.encode_old_path(old).unwrap().code;
-    let dp = encode_dispatcher(
-        d_patch,
-        &Dispatch {
-            slot,
-            direction: Direction::Patching,
-            new_version: compute_new,
-            old_version: old,
-        },
-    )
-    .unwrap();
-    let du = encode_dispatcher(
-        d_unpatch,
-        &Dispatch {
-            slot,
-            direction: Direction::Unpatching,
-            new_version: compute_new,
-            old_version: old,
-        },
-    )
-    .unwrap();
-    let mut cmds = page(&[(old, &old_code), (d_patch, &dp), (d_unpatch, &du)]);
+    let mut stubs = StubPage::new(STUB, 4096);
+    let old = stubs.place(|at| p.encode_old_path(at).map(|r| r.code)).unwrap();
+    let d_patch = stubs
+        .place(|at| {
+            encode_dispatcher(
+                at,
+                &Dispatch {
+                    slot,
+                    direction: Direction::Patching,
+                    new_version: compute_new,
+                    old_version: old,
+                },
+            )
+        })
+        .unwrap();
+    let d_unpatch = stubs
+        .place(|at| {
+            encode_dispatcher(
+                at,
+                &Dispatch {
+                    slot,
+                    direction: Direction::Unpatching,
+                    new_version: compute_new,
+                    old_version: old,
+                },
+            )
+        })
+        .unwrap();
+    let mut cmds = page(&[(STUB, stubs.bytes())]);
     let calls = |c: &mut String| {
         for st in [1, 0, IDLE] {
             c.push_str(&format!("compute 5 {st}\ncompute 6 {st}\n"));
