@@ -155,3 +155,56 @@ fn live_fork_during_shadow_writes_leaves_child_store_usable() {
         child.pid()
     );
 }
+
+const PATCH_FLAGS: &[&str] = &[
+    "-O2",
+    "-g",
+    "-shared",
+    "-fPIC",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-fcf-protection",
+];
+
+/// SV7 end to end with real patch objects, loaded by the target itself (standing in for `relive
+/// apply`, which drives the same dlopen from the agent's service thread): C patch v1 adds a
+/// per-connection counter to the target's `struct conn`; the cumulative v2 inherits the counters
+/// (even after v1 is dlclose'd) and keeps counting; v2's post_unpatch frees them all; nothing leaks.
+/// The patches leave `relive_shadow_*` undefined and are opened with RTLD_NOW, so every symbol
+/// must bind to the preloaded agent.
+#[test]
+fn live_c_patch_v1_then_cumulative_v2_inherit_shadow_counters() {
+    let v1 = compile_c("shadow_patch_v1.so", &["shadow_patch_v1.c"], PATCH_FLAGS);
+    let v2 = compile_c("shadow_patch_v2.so", &["shadow_patch_v2.c"], PATCH_FLAGS);
+    let host = compile_c("shadow_host", &["shadow_host.c"], FLAGS);
+    let mut cmd = Command::new(&host);
+    cmd.arg(&v1).arg(&v2).env("LD_PRELOAD", agent_so());
+    let mut child =
+        spawn_guarded(cmd, "ready", relive_testkit::READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        next(&child, "v1 served"),
+        "v1 served per_conn=2000 conn0=2000 count=64"
+    );
+    assert_eq!(
+        next(&child, "v1 unloaded"),
+        "v1 unloaded count=64",
+        "SV7: unloading v1 frees nothing"
+    );
+    assert_eq!(
+        next(&child, "v2 inherited"),
+        "v2 inherited per_conn=3200 origin=v1 count=64"
+    );
+    assert_eq!(
+        next(&child, "post_unpatch"),
+        "v2 post_unpatch freed=64 count=0",
+        "nothing may leak"
+    );
+    assert_eq!(next(&child, "done"), "done");
+    let status = child.child_mut().wait().expect("wait");
+    assert!(
+        status.success(),
+        "target pid {} exited with {status}",
+        child.pid()
+    );
+}
