@@ -208,3 +208,117 @@ fn live_c_patch_v1_then_cumulative_v2_inherit_shadow_counters() {
         child.pid()
     );
 }
+
+/// A Rust patch cdylib built on relive-patch's typed `Shadow<T>`: the cumulative successor of the
+/// C patch v1, with the same id and a `#[repr(C)]` type of the same layout.
+const RUST_PATCH_V2: &str = r#"
+use core::ffi::{c_long, c_void};
+use core::sync::atomic::{AtomicI64, AtomicU64, Ordering::SeqCst};
+use relive_patch::shadow::Shadow;
+
+/// Layout of shadow_patch_v1.c's `struct conn_requests`.
+#[repr(C)]
+struct ConnRequests {
+    count: AtomicI64,
+    version_seen: i64,
+}
+
+static FREED: AtomicU64 = AtomicU64::new(0);
+impl Drop for ConnRequests {
+    fn drop(&mut self) {
+        FREED.fetch_add(1, SeqCst);
+    }
+}
+
+// SAFETY: id "reqs" holds a ConnRequests in every version of this patch, C or Rust.
+static REQUESTS: Shadow<ConnRequests> = unsafe { Shadow::new(0x7265_7173) };
+
+#[unsafe(no_mangle)]
+pub extern "C" fn patch_handle_request(c: *mut c_void) -> c_long {
+    match REQUESTS.get_or_alloc_with(c, || ConnRequests { count: AtomicI64::new(0), version_seen: 2 }) {
+        Some(r) => r.count.fetch_add(1, SeqCst) + 1,
+        None => -1,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn patch_counter_origin(c: *mut c_void) -> c_long {
+    REQUESTS.get(c).map_or(0, |r| r.version_seen)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn patch_post_unpatch() -> c_long {
+    // SAFETY: called after the last patch is disabled: no thread runs the patched code.
+    unsafe { REQUESTS.free_all() };
+    FREED.load(SeqCst) as c_long
+}
+"#;
+
+/// Builds RUST_PATCH_V2 as a cdylib against this workspace's relive-patch (a standalone crate in
+/// target/fixtures/, its own target dir; relive-patch has no dependencies, so this is offline).
+fn build_rust_patch() -> PathBuf {
+    let dir = relive_testkit::fixtures_out().join("shadow-rust-patch-v2");
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    let manifest = format!(
+        "[package]\nname = \"shadow_rust_patch_v2\"\nversion = \"0.0.0\"\nedition = \"2024\"\n\n\
+         [lib]\ncrate-type = [\"cdylib\"]\npath = \"src/lib.rs\"\n\n\
+         [dependencies]\nrelive-patch = {{ path = {:?} }}\n\n[workspace]\n",
+        relive_testkit::workspace_root().join("crates/patch")
+    );
+    for (path, text) in [
+        (dir.join("Cargo.toml"), manifest.as_str()),
+        (dir.join("src/lib.rs"), RUST_PATCH_V2),
+    ] {
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+            std::fs::write(&path, text).unwrap();
+        }
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--offline", "--quiet", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building the Rust patch failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("target/debug/libshadow_rust_patch_v2.so")
+}
+
+/// SV7 across languages: the Rust cumulative patch (relive-patch's `Shadow<T>`, a cdylib whose
+/// `relive_shadow_*` bind to the preloaded agent at dlopen) takes over the counters that the C
+/// patch v1 attached, and its post_unpatch frees them through `Shadow::free_all` (Drop as dtor).
+#[test]
+fn live_c_patch_v1_then_rust_cumulative_v2_typed_shadow() {
+    let v1 = compile_c("shadow_patch_v1.so", &["shadow_patch_v1.c"], PATCH_FLAGS);
+    let v2 = build_rust_patch();
+    let host = compile_c("shadow_host", &["shadow_host.c"], FLAGS);
+    let mut cmd = Command::new(&host);
+    cmd.arg(&v1).arg(&v2).env("LD_PRELOAD", agent_so());
+    let mut child =
+        spawn_guarded(cmd, "ready", relive_testkit::READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        next(&child, "v1 served"),
+        "v1 served per_conn=2000 conn0=2000 count=64"
+    );
+    assert_eq!(next(&child, "v1 unloaded"), "v1 unloaded count=64");
+    assert_eq!(
+        next(&child, "v2 inherited"),
+        "v2 inherited per_conn=3200 origin=v1 count=64"
+    );
+    assert_eq!(
+        next(&child, "post_unpatch"),
+        "v2 post_unpatch freed=64 count=0",
+        "Drop ran once per counter"
+    );
+    assert_eq!(next(&child, "done"), "done");
+    let status = child.child_mut().wait().expect("wait");
+    assert!(
+        status.success(),
+        "target pid {} exited with {status}",
+        child.pid()
+    );
+}
