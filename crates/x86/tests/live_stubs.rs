@@ -250,3 +250,59 @@ fn t_x86_4_3a_live_thunk_preserves_what_callers_rely_on() {
         "{k}"
     );
 }
+
+fn int3_plan_cmd(k: char, plan: &Int3Plan) -> String {
+    let steps: Vec<String> = plan
+        .steps
+        .iter()
+        .map(|s| match s {
+            Int3Step::Write { addr, bytes } => format!("w:{addr:x}:{}", hex(bytes)),
+            Int3Step::SyncCores => "s".into(),
+        })
+        .collect();
+    format!("int3plan {k} {:x} {}\n", plan.handler_dest, steps.join(";"))
+}
+
+/// PAUSE-FREE.md §2 with relive-x86's steps: f5 starts with one 5-byte NOP, so its entry is patched and
+/// unpatched while three threads call it, with no thread stopped. The harness's SIGTRAP handler sends a
+/// thread that hits the int3 to `handler_dest`. Every result must be the old or the new one, never a crash.
+#[test]
+fn t_x86_int3_protocol_live_no_stop() {
+    let elf = Elf(std::fs::read(harness()).unwrap());
+    let (f5_new, _) = elf.sym("f5_new");
+    let p = elf.plan("f5");
+    assert_eq!(
+        p.kind,
+        EntryKind::Pad {
+            pad_len: 5,
+            single_nop: true
+        }
+    );
+    let install = &p.install(f5_new).unwrap()[0];
+    let restore = &p.restore(f5_new).unwrap()[0];
+    let patch = int3_protocol(install, f5_new).unwrap();
+    let unpatch = int3_protocol(restore, p.resume).unwrap();
+    let mut cmds = int3_plan_cmd('p', &patch);
+    cmds.push_str(&int3_plan_cmd('u', &unpatch));
+    cmds.push_str("int3run 2000 3\n");
+    let out = run("int3", &cmds);
+    let line = out
+        .iter()
+        .find(|l| l.starts_with("int3run"))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    let field = |k: &str| -> i64 {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("bad"), 0, "{line}");
+    assert!(field("old") > 0 && field("new") > 0, "both versions ran: {line}");
+    assert_eq!(
+        line.rsplit("first=").next(),
+        Some("0f"),
+        "the NOP is back at the end: {line}"
+    );
+    eprintln!("{line}");
+}

@@ -7,6 +7,10 @@
  *     write ADDR HEX      write HEX over code at ADDR (the entry writes of EntryPlan)
  *     compute X STATE     in a new thread whose relive_state is STATE, call compute(X); prints the result
  *     keep X              call_leafy_keeping(X): sets call-clobbered registers, calls leafy, records them
+ *     int3plan p|u DEST S;S;…   the int3 protocol steps (S = w:ADDR:HEX or s) for patching or unpatching f5,
+ *                         and where the SIGTRAP handler sends a thread that hits the int3 (PAUSE-FREE.md §2)
+ *     int3run CYCLES THREADS    THREADS threads call f5 and check every result while the main thread runs
+ *                         the patch and unpatch plans CYCLES times through /proc/self/mem, no thread stopped
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -14,7 +18,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <linux/membarrier.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 __thread __attribute__((tls_model("initial-exec"))) int relive_state = 9; /* 9: IDLE */
@@ -55,6 +65,70 @@ __asm__(".text\n"
         "  movq %xmm15,saved+72(%rip)\n"
         "  pop %rbx\n  ret\n"
         ".size call_leafy_keeping,.-call_leafy_keeping\n");
+
+/* f5 starts with one 5-byte NOP (as with -mfentry -mnop-mcount): f5(x) = 2x + 1; f5_new(x) = 2x + 2. */
+int f5(int x);
+__asm__(".text\n.p2align 6\n.globl f5\n.type f5,@function\nf5:\n"
+        "  .byte 0x0f,0x1f,0x44,0x00,0x00\n  lea 1(%rdi,%rdi),%eax\n  ret\n.size f5,.-f5\n");
+__attribute__((noinline)) int f5_new(int x) { return 2 * x + 2; }
+
+struct step { unsigned long addr; int len; unsigned char b[8]; }; /* len 0: sync */
+static struct step plans[2][8];
+static int nsteps[2];
+static unsigned long dests[2];
+static volatile unsigned long cur_dest;
+static atomic_long hits, reexec;
+
+static void on_trap(int sig, siginfo_t *si, void *uc_) {
+    ucontext_t *uc = uc_;
+    (void)sig;
+    unsigned long rip = uc->uc_mcontext.gregs[REG_RIP];
+    if (si->si_code == SI_KERNEL && rip - 1 == (unsigned long)f5) {
+        if (*(volatile unsigned char *)f5 == 0xcc) {
+            uc->uc_mcontext.gregs[REG_RIP] = cur_dest; /* emulate the instruction being written */
+            atomic_fetch_add(&hits, 1);
+        } else {
+            uc->uc_mcontext.gregs[REG_RIP] = rip - 1; /* the int3 is gone: run what is there now */
+            atomic_fetch_add(&reexec, 1);
+        }
+        return;
+    }
+    abort();
+}
+
+static atomic_int stop_hammer;
+static atomic_long calls, bad, seen_old, seen_new;
+static int (*volatile f5_ptr)(int) = f5;
+static void *hammer(void *arg) {
+    (void)arg;
+    long c = 0, b = 0, o = 0, n = 0;
+    for (int x = 0; !atomic_load_explicit(&stop_hammer, memory_order_relaxed); x = (x + 1) & 0xffff) {
+        int r = f5_ptr(x);
+        if (r == 2 * x + 1) o++;
+        else if (r == 2 * x + 2) n++;
+        else b++;
+        c++;
+    }
+    atomic_fetch_add(&calls, c);
+    atomic_fetch_add(&bad, b);
+    atomic_fetch_add(&seen_old, o);
+    atomic_fetch_add(&seen_new, n);
+    return NULL;
+}
+
+static int memfd = -1, have_sync;
+static void run_plan(int k) {
+    cur_dest = dests[k];
+    for (int i = 0; i < nsteps[k]; i++) {
+        struct step *s = &plans[k][i];
+        if (s->len == 0) {
+            if (have_sync) syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
+        } else if (pwrite(memfd, s->b, s->len, (off_t)s->addr) != s->len) {
+            perror("pwrite /proc/self/mem");
+            exit(2);
+        }
+    }
+}
 
 static int (*volatile compute_ptr)(int) = compute;
 static int (*volatile keep_ptr)(int) = call_leafy_keeping;
@@ -118,6 +192,40 @@ int main(int argc, char **argv) {
             pthread_create(&t, NULL, run_compute, &j);
             pthread_join(t, NULL);
             printf("compute %d %d -> %d\n", x, st, j.result);
+        } else if (!strncmp(line, "int3plan ", 9)) {
+            int k = line[9] == 'u';
+            char *p = line + 11;
+            dests[k] = strtoul(p, &p, 16);
+            nsteps[k] = 0;
+            for (p = strtok(p, " ;\n"); p; p = strtok(NULL, " ;\n")) {
+                struct step *st = &plans[k][nsteps[k]++];
+                if (p[0] == 's') { st->len = 0; continue; }
+                char *q;
+                st->addr = strtoul(p + 2, &q, 16);
+                st->len = (int)unhex(q + 1, st->b);
+            }
+            printf("int3plan %c %d steps\n", k ? 'u' : 'p', nsteps[k]);
+        } else if (sscanf(line, "int3run %d %d", &x, &st) == 2) {
+            struct sigaction sa = {0};
+            sa.sa_sigaction = on_trap;
+            sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+            sigaction(SIGTRAP, &sa, NULL);
+            have_sync = syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) == 0;
+            memfd = open("/proc/self/mem", O_RDWR);
+            if (memfd < 0) { perror("/proc/self/mem"); return 2; }
+            pthread_t th[16];
+            for (int i = 0; i < st && i < 16; i++) pthread_create(&th[i], NULL, hammer, NULL);
+            for (int c = 0; c < x; c++) {
+                run_plan(0);
+                usleep(20);
+                run_plan(1);
+                usleep(20);
+            }
+            atomic_store(&stop_hammer, 1);
+            for (int i = 0; i < st && i < 16; i++) pthread_join(th[i], NULL);
+            printf("int3run cycles=%d sync=%d calls=%ld bad=%ld old=%ld new=%ld hits=%ld reexec=%ld first=%02x\n", x,
+                   have_sync, (long)calls, (long)bad, (long)seen_old, (long)seen_new, (long)hits, (long)reexec,
+                   *(unsigned char *)f5);
         } else if (sscanf(line, "keep %d", &x) == 1) {
             int r = keep_ptr(x);
             printf("keep %d -> %d", x, r);
