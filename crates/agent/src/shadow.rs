@@ -225,6 +225,10 @@ fn this_thread() -> usize {
 
 impl ShadowStore {
     const fn from_static(buckets: &'static [Bucket], bits: u32) -> Self {
+        assert!(
+            bits >= 1 && bits <= 24 && buckets.len() == 1 << bits,
+            "bucket count must be 2^bits"
+        );
         ShadowStore {
             buckets,
             shift: 64 - bits,
@@ -253,7 +257,10 @@ impl ShadowStore {
         // Pointers are aligned, so their low bits carry nothing: multiply to push the entropy up and
         // take the top bits (Fibonacci hashing), mixing the id in first.
         let h = ((obj as u64) ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        &self.buckets[(h >> self.shift) as usize]
+        let i = (h >> self.shift) as usize;
+        // SAFETY: `shift == 64 - bits` and `buckets.len() == 1 << bits` (checked in `from_static`), so
+        // `i < buckets.len()`. Unchecked because the get path must not contain a panic (DESIGN §4.2).
+        unsafe { self.buckets.get_unchecked(i) }
     }
 
     /// SV2: the data of `<obj, id>`, or null. Lock-free, allocation-free, TLS-free and
