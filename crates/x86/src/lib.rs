@@ -8,14 +8,21 @@
 //!    [`EntryError`] naming the function and the address (too short, branch target inside the overwritten
 //!    bytes, unrelocatable or undecodable bytes, a breakpoint there). [`clobbered_registers`] (DESIGN.md
 //!    §4.3a) tells whether the new version needs a [`encode_preserving_thunk`] ([`Clobbers::to_preserve`]).
-//! 2. Step 8, stubs: map a page inside [`EntryPlan::stub_window`]; encode into it, at their final addresses,
-//!    the old path ([`EntryPlan::encode_old_path`], unless [`EntryPlan::old_path_direct`]), the thunk if any,
-//!    and a [`encode_dispatcher`] per function and transition direction.
-//! 3. Entries: [`EntryPlan::install`] (to the dispatcher), later [`EntryPlan::retarget`] (to the new
-//!    function, or to a near [`encode_abs_jump`] when it is out of reach, on completion), and
-//!    [`EntryPlan::restore`] on unpatch. Each [`EntryWrite`] is at most 8 bytes: one `pwrite`. A write that is
-//!    [`EntryWrite::stop_free`] may use [`int3_protocol`] (PAUSE-FREE.md §2); any other needs every thread
-//!    stopped and no PC (signal frames included) for which [`EntryWrite::blocks_pc`] holds.
+//! 2. Step 8, stubs: map a page inside [`EntryPlan::stub_window`]; lay out with [`StubPage`], each piece
+//!    encoded at its final address: the old path ([`EntryPlan::encode_old_path`], unless
+//!    [`EntryPlan::old_path_direct`]), the thunk if any, and a [`encode_dispatcher`] per function and
+//!    transition direction ([`Direction`]: IDLE counts as the starting state).
+//! 3. Entries: [`EntryPlan::install`] (to the dispatcher), [`EntryPlan::retarget`] (to the other direction's
+//!    dispatcher on reverse), [`EntryPlan::direct_jump`] on completion (a `jmp rel32`, or a near
+//!    [`encode_abs_jump`] when the new code is out of reach), and [`EntryPlan::restore`] on unpatch. Each
+//!    [`EntryWrite`] is at most 8 bytes: one `pwrite`, checked against [`EntryWrite::expect`]. A write that
+//!    is [`EntryWrite::stop_free`] may use [`int3_protocol`] (PAUSE-FREE.md §2); any other needs every
+//!    thread stopped and no PC (signal frames included) for which [`EntryWrite::blocks_pc`] holds.
+//! 4. Recovery and unwinding: [`EntryPlan::state`] classifies the bytes read back from an entry (a
+//!    controller killed half-way); [`Relocated::original_pc`] maps a PC inside an old-path copy back to the
+//!    original, and [`Thunk::return_offset`]/[`Thunk::caller_ra_offset`] describe the thunk's frame.
+//!
+//! Addresses are plain `u64` AVMAs throughout. Nothing here reads or writes a process.
 //!
 //! ```
 //! use relive_x86::*;

@@ -46,7 +46,7 @@ pub struct Dispatch {
     pub old_version: u64,
 }
 
-/// Longest dispatcher [`encode_dispatcher`] produces (cmp 10 + jcc 6 + jmp [rip] 6 + far old jmp 6 + 2
+/// Longest dispatcher [`encode_dispatcher`] produces (cmp 10 + jcc 6 + `jmp [rip]` 6 + far old jmp 6 + 2
 /// pointers 16), so the driver can lay stubs out before encoding them.
 pub const DISPATCHER_MAX_LEN: usize = 48;
 
