@@ -251,14 +251,9 @@ impl SymbolTable {
 
     /// SPEC D5: `sympos == 0` requires a unique name; `sympos == N` takes the N-th occurrence in
     /// table order. Aliases (same address) count once. A function without a size is refused.
-    pub fn resolve<'a>(
-        &'a self,
-        object: &str,
-        name: &'a str,
-        sympos: u32,
-    ) -> Result<&'a Symbol, ResolveError> {
+    pub fn resolve(&self, object: &str, name: &str, sympos: u32) -> Result<&Symbol, ResolveError> {
         let mut cands: Vec<&Symbol> = Vec::new();
-        for s in self.functions_named(name) {
+        for s in self.symbols.iter().filter(|s| s.kind != SymKind::Object && s.name == name) {
             if !cands.iter().any(|c| c.addr == s.addr) {
                 cands.push(s);
             }
