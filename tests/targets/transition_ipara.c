@@ -1,7 +1,8 @@
 /* Callers that rely on registers (issue 5 test 11, DESIGN §4.3a): GCC -O2 enables -fipa-ra, so `caller` keeps
  * values in call-clobbered registers across `call leaf` because it sees that leaf does not touch them.
  * A patch replaces `leaf` with a version that clobbers every call-clobbered register; relive must enter it
- * through a thunk that preserves what the original preserved. Every 20 ms: "ipara calls=<n> bad=<n>".
+ * through a thunk that preserves what the original preserved. Every 20 ms: "ipara calls=<n> bad=<n> new=<n>".
+ * Built with -rdynamic so that the patch finds ipara_new.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -11,6 +12,8 @@
 #include <unistd.h>
 
 static atomic_long calls, bad;
+/* Calls of the new leaf (the patch counts them), so a test sees the patch run. */
+atomic_long ipara_new;
 volatile long ipara_in = 3;
 
 __attribute__((noinline)) static long leaf(long x) {
@@ -56,6 +59,6 @@ int main(void) {
     for (;;) {
         struct timespec ts = {0, 20 * 1000 * 1000};
         nanosleep(&ts, NULL);
-        printf("ipara calls=%ld bad=%ld\n", atomic_load(&calls), atomic_load(&bad));
+        printf("ipara calls=%ld bad=%ld new=%ld\n", atomic_load(&calls), atomic_load(&bad), atomic_load(&ipara_new));
     }
 }

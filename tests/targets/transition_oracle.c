@@ -35,6 +35,11 @@ atomic_long oracle_sig;
 atomic_int oracle_want = 0;
 volatile long oracle_sink;
 
+#ifdef FG_IN_LIB
+/* f and g live in libtransition_fg.so (tests/targets/transition_fg.c). */
+long g(long x);
+int f(long x);
+#else
 __attribute__((noipa)) long g(long x) {
     long s = x;
     for (int i = 0; i < 40; i++) s = s * 31 + i;
@@ -50,6 +55,7 @@ __attribute__((noipa)) int f(long x) {
     if ((a & 0xff) != 1 || (b & 0xff) != 1) atomic_fetch_add(&oracle_mix, 1);
     return 1;
 }
+#endif
 
 /* Shorter than the 5-byte entry jump: relive must refuse to patch it (issue 7 error tests). */
 __attribute__((noipa)) void tiny(void) {
@@ -127,8 +133,8 @@ static void *churn_one(void *arg) {
 
 static long churn_total;
 static void *churner(void *arg) {
-    (void)arg;
-    for (long i = 0; i < churn_total; i++) {
+    long total = (long)arg;
+    for (long i = 0; i < total; i++) {
         pthread_t t;
         if (pthread_create(&t, NULL, churn_one, NULL) == 0) pthread_join(t, NULL);
         struct timespec ts = {0, 200 * 1000};
@@ -160,6 +166,10 @@ static void *reader(void *arg) {
     while (fgets(line, sizeof line, stdin)) {
         int v;
         if (sscanf(line, "want %d", &v) == 1) atomic_store(&oracle_want, v);
+        if (sscanf(line, "churn %d", &v) == 1) {
+            pthread_t t;
+            pthread_create(&t, NULL, churner, (void *)(long)v);
+        }
     }
     return NULL;
 }
@@ -185,7 +195,7 @@ int main(int argc, char **argv) {
     pthread_create(&t, NULL, sleeper, (void *)1);
     pthread_create(&t, NULL, sleeper, (void *)0);
     if (stall) pthread_create(&t, NULL, holder, NULL);
-    if (churn_total) pthread_create(&t, NULL, churner, NULL);
+    if (churn_total) pthread_create(&t, NULL, churner, (void *)churn_total);
     if (sigs) pthread_create(&t, NULL, signaller, NULL);
     pthread_create(&t, NULL, reader, NULL);
     tiny();

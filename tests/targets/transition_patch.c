@@ -8,6 +8,7 @@
  *   -DCALLBACKS=1      the four callbacks print "callback <name> <kind>" on the target's stdout
  *   -DFAIL_PRE=1       pre_patch returns -19 (ENODEV; T-cb5 / issue 5 test 7)
  *   -DBUILD_ID=hex     pins the executable's build-id
+ *   -DOBJECT=soname    f and g live in that library instead of the executable
  *   -DMISSING=1        also replaces a function the target does not have
  *   -DTINY=1           also replaces `tiny`, a function shorter than a jump (unpatchable entry)
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
@@ -66,14 +67,17 @@ long held_v(long x) {
 
 /* The manifest (include/relive.h). */
 RELIVE_PATCH(STR(PATCH_NAME), REPLACE, STACKING);
-#ifdef BUILD_ID
-RELIVE_OBJECT("exe", STR(BUILD_ID));
-#else
-RELIVE_OBJECT("exe", "");
+#ifndef OBJECT
+#define OBJECT exe
 #endif
-RELIVE_FUNC("exe", f, 0, f_v);
+#ifdef BUILD_ID
+RELIVE_OBJECT(STR(OBJECT), STR(BUILD_ID));
+#else
+RELIVE_OBJECT(STR(OBJECT), "");
+#endif
+RELIVE_FUNC(STR(OBJECT), f, 0, f_v);
 #ifndef ONLY_F
-RELIVE_FUNC("exe", g, 0, g_v);
+RELIVE_FUNC(STR(OBJECT), g, 0, g_v);
 #endif
 #ifdef STALL
 RELIVE_FUNC("exe", held, 0, held_v);

@@ -1,0 +1,155 @@
+//! Issue 5 tests 6, 9 and 11: where the function lives (a shared library, a static function found only in
+//! .symtab, -fcf-protection=full, -fpatchable-function-entry), threads that come and go during the
+//! transition, and callers that rely on registers (GCC -fipa-ra).
+
+mod transition_common;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use transition_common::*;
+
+fn cycle(t: &mut Target, pid: &str, patch: &str, name: &str) {
+    ok(&["apply", pid, patch]);
+    let s = t.wait_workers(2);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    ok(&["disable", pid, name]);
+    let s = t.wait_workers(1);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+}
+
+/// Test 6: a target built with -fcf-protection=full (entries start with endbr64, which is kept).
+#[test]
+fn serial_t_issue5_6_cf_protection_full() {
+    let flags = [TARGET_FLAGS, &["-fcf-protection=full"]].concat();
+    let mut t = oracle_with(&flags, &["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("cet", &["VERSION=2"]);
+    let o = relive(&["check", &pid, p.to_str().unwrap()]);
+    assert!(text(&o).contains("endbr") || o.status.success(), "{}", text(&o));
+    cycle(&mut t, &pid, p.to_str().unwrap(), "cet");
+}
+
+/// Test 6: a target built with -fpatchable-function-entry=5 (a NOP pad: the old path is entry + pad).
+#[test]
+fn serial_t_issue5_6_patchable_function_entry_pad() {
+    let flags = [TARGET_FLAGS, &["-fpatchable-function-entry=5"]].concat();
+    let mut t = oracle_with(&flags, &["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("pfe", &["VERSION=2"]);
+    let o = ok(&["check", &pid, p.to_str().unwrap()]);
+    assert!(text(&o).contains("NOP pad"), "the entry is a pad: {}", text(&o));
+    cycle(&mut t, &pid, p.to_str().unwrap(), "pfe");
+}
+
+/// Test 6: f and g live in a shared library of the target.
+#[test]
+fn serial_t_issue5_6_function_in_a_shared_library() {
+    let lib = relive_testkit::compile_c(
+        "libtransition_fg",
+        &["transition_fg.c"],
+        &["-O2", "-g", "-fPIC", "-shared"],
+    );
+    let flags = [TARGET_FLAGS, &["-DFG_IN_LIB", "-Wl,--no-as-needed", lib.to_str().unwrap()]].concat();
+    let mut t = oracle_with(&flags, &["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let soname = lib.file_name().unwrap().to_str().unwrap().to_string();
+    let p = patch("inlib", &["VERSION=2", &format!("OBJECT={soname}")]);
+    cycle(&mut t, &pid, p.to_str().unwrap(), "inlib");
+}
+
+struct Ipara {
+    child: relive_testkit::GuardedChild,
+}
+
+impl Ipara {
+    fn stats(&self) -> (u64, u64, u64) {
+        while self.child.next_line(Duration::ZERO).is_some() {}
+        let l = self
+            .child
+            .next_line(Duration::from_secs(10))
+            .expect("ipara stats");
+        let f = |k: &str| -> u64 {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        (f("calls"), f("bad"), f("new"))
+    }
+}
+
+/// Tests 6 and 11 (DESIGN §4.3a): a static leaf (only in .symtab) whose GCC -O2 caller keeps values in
+/// call-clobbered registers across the call, replaced by a version that clobbers every call-clobbered register,
+/// general and vector: the caller's results stay exactly right.
+#[test]
+fn serial_t_issue5_11_static_leaf_callers_relying_on_registers_ipa_ra() {
+    let exe = relive_testkit::compile_c(
+        "transition_ipara",
+        &["transition_ipara.c"],
+        &["-O2", "-g", "-pthread", "-rdynamic"],
+    );
+    let mut cmd = Command::new(exe);
+    cmd.env("LD_PRELOAD", agent()).stdin(Stdio::null());
+    let t = Ipara {
+        child: relive_testkit::spawn_guarded(cmd, "ipara ready", Duration::from_secs(20)).unwrap(),
+    };
+    let pid = t.child.pid().to_string();
+    let p = relive_testkit::compile_c(
+        "transition_ipara_patch",
+        &["transition_ipara_patch.c"],
+        &["-O2", "-g", "-fPIC", "-shared"],
+    );
+    let o = ok(&["check", &pid, p.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("thunk"),
+        "the analysis finds registers callers rely on: {}",
+        text(&o)
+    );
+    ok(&["apply", &pid, p.to_str().unwrap()]);
+    let (_, _, new0) = t.stats();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (calls, bad, new) = loop {
+        let s = t.stats();
+        if s.2 > new0 + 1_000_000 || Instant::now() > deadline {
+            break s;
+        }
+    };
+    assert!(new > new0, "the new leaf runs: {new0} -> {new}");
+    assert_eq!(
+        bad, 0,
+        "callers lost register values across the new leaf ({calls} calls)"
+    );
+    ok(&["disable", &pid, "ipara"]);
+    assert_eq!(t.stats().1, 0);
+}
+
+/// Test 9: threads are created and exit during the transitions, 1,000 in all; the transitions complete and
+/// every thread created after a transition completed runs its target version.
+#[test]
+fn serial_t_issue5_9_threads_come_and_go() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("churn", &["VERSION=2"]);
+    t.send("churn 1000");
+    for _ in 0..3 {
+        ok(&["apply", &pid, p.to_str().unwrap()]);
+        t.send("want 2");
+        let s = t.wait_workers(2);
+        assert_eq!(num(&s, "churn_bad"), 0, "{s:?}");
+        ok(&["disable", &pid, "churn"]);
+        t.send("want 1");
+        let s = t.wait_workers(1);
+        assert_eq!(num(&s, "churn_bad"), 0, "{s:?}");
+        assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = t.stats();
+        assert_eq!(num(&s, "mix"), 0);
+        assert_eq!(num(&s, "churn_bad"), 0, "{s:?}");
+        if num(&s, "churn") >= 1000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the churner did not finish: {s:?}");
+    }
+}
