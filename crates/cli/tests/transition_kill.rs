@@ -1,0 +1,141 @@
+//! Issue 5 tests 8 and 10: a controller SIGKILLed at random points of apply and disable (DESIGN §4.8: the
+//! registry is written ahead, so the next command finishes the job), and signal handlers that call the patched
+//! function at random points, including inside the bytes an entry write replaces (PAUSE-FREE.md §2).
+
+mod transition_common;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use transition_common::*;
+
+/// The version every worker runs once the target settled (all workers agree), and the stats.
+fn settled(t: &mut Target) -> (u32, Stats) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = t.stats();
+        let ws: Vec<&str> = s["workers"].split(',').collect();
+        if ws.iter().all(|w| *w == ws[0]) {
+            return (ws[0].parse().unwrap(), s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers never agreed on one version: {s:?}"
+        );
+    }
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+fn timed(args: &[&str]) -> Duration {
+    let t0 = Instant::now();
+    ok(args);
+    t0.elapsed()
+}
+
+/// Test 8: 50 trials of SIGKILL at a random point of apply or disable. The target keeps running, the oracle's
+/// mix count stays zero, `relive status` shows the state, and `relive transition` finishes the job.
+#[test]
+fn serial_t_issue5_8_killed_controller_50_trials() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("kill", &["VERSION=2"]);
+    let a = a.to_str().unwrap();
+    // How long a normal apply and disable take here: the kill points are drawn from that span.
+    let span = timed(&["apply", &pid, a]).max(timed(&["disable", &pid, "kill"]));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}, kill points within {span:?}");
+    let mut rng = Lcg(seed);
+    let trials: u32 = std::env::var("RELIVE_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    for trial in 0..trials {
+        let (v, _) = settled(&mut t);
+        let apply = trial % 2 == 0;
+        // Precondition: apply needs the patch inactive, disable needs it active.
+        if apply && v == 2 {
+            ok(&["disable", &pid, "kill"]);
+        } else if !apply && v == 1 {
+            ok(&["apply", &pid, a]);
+        }
+        let _ = settled(&mut t);
+        let args: Vec<&str> = if apply {
+            vec!["apply", &pid, a]
+        } else {
+            vec!["disable", &pid, "kill"]
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relive"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = Duration::from_micros(rng.next(span.as_micros() as u64 + 1));
+        std::thread::sleep(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            t.alive(),
+            "trial {trial}: the target died after the controller was killed at {at:?}"
+        );
+        // `relive status` shows where the transition stood.
+        let st = relive(&["status", &pid]);
+        assert_eq!(st.status.code(), Some(0), "trial {trial}: status: {}", text(&st));
+        // The next command finishes the job.
+        let o = relive(&["transition", &pid]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "trial {trial} (killed {} at {at:?}): {}",
+            args[0],
+            text(&o)
+        );
+        let (v, s) = settled(&mut t);
+        assert!(v == 1 || v == 2, "trial {trial}: {s:?}");
+        assert_eq!(
+            num(&s, "mix"),
+            0,
+            "trial {trial}: killed {} at {at:?}: {s:?}",
+            args[0]
+        );
+    }
+    assert!(t.alive());
+}
+
+/// Test 10: SIGUSR1 every 200 µs interrupts the workers at random points (inside f's first bytes too) and the
+/// handler calls f; apply/disable cycles never crash the target and never mix versions. A PC saved in a signal
+/// frame counts like a live PC in the stop-all check.
+#[test]
+fn serial_t_issue5_10_signal_handlers_calling_the_patched_function() {
+    let mut t = oracle(&["--signals", "--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("sig", &["VERSION=2"]);
+    let a = a.to_str().unwrap();
+    let cycles: u32 = std::env::var("RELIVE_SIGNAL_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let sig0 = num(&t.stats(), "sig");
+    for i in 0..cycles {
+        ok(&["apply", &pid, a]);
+        let s = t.wait_workers(2);
+        assert_eq!(num(&s, "mix"), 0, "cycle {i}: {s:?}");
+        ok(&["disable", &pid, "sig"]);
+        let s = t.wait_workers(1);
+        assert_eq!(num(&s, "mix"), 0, "cycle {i}: {s:?}");
+        assert!(t.alive(), "the target crashed in cycle {i}");
+    }
+    let s = t.stats();
+    assert!(num(&s, "sig") > sig0 + 1000, "signal handlers ran: {s:?}");
+}
