@@ -598,6 +598,46 @@ fn t_error_permission_denied_names_the_fix() {
     assert!(err.contains(&target.pid().to_string()), "{err}");
 }
 
+/// An unprivileged user may inspect its own processes: no root needed (map_files is then not
+/// readable, and relive falls back to the mapped paths).
+#[test]
+fn t_same_uid_unprivileged_user_works() {
+    let exe = compile_c("stacks_threads_pie", &["stacks_threads.c"], VARIANTS[0].1);
+    let target = spawn_target(
+        std::path::Path::new("setpriv"),
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            exe.to_str().unwrap(),
+            "blocked-only",
+        ],
+        "ready",
+    );
+    let pid = target.pid();
+    wait_blocked(pid, &["sleeper", "futex"]);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            RELIVE,
+            "stacks",
+            &pid.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for name in ["sleeper", "futex", "sighandler"] {
+        let t = thread(&v, name);
+        assert_reliable(t);
+    }
+    assert!(names(thread(&v, "sleeper")).contains(&"sleeper_block".to_string()));
+}
+
 /// Errors: the process exits in the middle of the command: "target died", exit 1, no hang.
 #[test]
 fn serial_t_error_target_exits_mid_command() {

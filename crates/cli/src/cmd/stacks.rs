@@ -173,6 +173,14 @@ pub fn collect(args: &Args) -> Result<StacksOut, ProcError> {
             (Err(e), _) | (_, Err(e)) => return Err(e),
         }
     }
+    // Threads reported gone may have been the start of the whole process dying.
+    if threads.iter().any(|t| !t.alive) && (!relive_proc::process_exists(pid) || is_zombie(pid)) {
+        return Err(ProcError::TargetDied {
+            pid,
+            tid: None,
+            during: "relive stacks",
+        });
+    }
     Ok(StacksOut { pid, threads })
 }
 
