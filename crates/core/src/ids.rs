@@ -71,10 +71,13 @@ impl fmt::Display for Range {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ObjectId {
     /// GNU build-id, lower-case hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build_id: Option<String>,
     /// `DT_SONAME` of a library (none for most executables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soname: Option<String>,
     /// Path of the mapped file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
 }
 
@@ -229,11 +232,12 @@ impl PartialOrd for FuncId {
     }
 }
 impl Ord for FuncId {
+    /// Name first: it tells functions apart fastest (objects usually share a long build-id).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.object
-            .cmp(&other.object)
-            .then_with(|| self.name.cmp(&other.name))
+        self.name
+            .cmp(&other.name)
             .then_with(|| self.sympos().cmp(&other.sympos()))
+            .then_with(|| self.object.cmp(&other.object))
     }
 }
 

@@ -61,8 +61,9 @@ impl Patch {
     }
 }
 
-/// D2: an object of a patch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// D2: an object of a patch. Serialized with its funcs as `{name, sympos, ...}` (the object's identity is
+/// not repeated in each func).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Object {
     pub id: ObjectId,
     pub loaded: bool,
@@ -74,6 +75,104 @@ pub struct Object {
     /// CB2: pre_patch ran and succeeded (or is absent), so post_unpatch may run once.
     pub post_unpatch_enabled: bool,
     pub funcs: Vec<Func>,
+}
+
+#[derive(Serialize)]
+struct FuncOut<'a> {
+    name: &'a str,
+    sympos: u32,
+    old: Option<Range>,
+    new: Option<Range>,
+    nop: bool,
+    patched: bool,
+    transition: bool,
+}
+
+#[derive(Serialize)]
+struct ObjectOut<'a> {
+    id: &'a ObjectId,
+    loaded: bool,
+    dynamic: bool,
+    patched: bool,
+    callbacks: CallbackSet,
+    post_unpatch_enabled: bool,
+    funcs: Vec<FuncOut<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FuncIn {
+    name: String,
+    sympos: u32,
+    old: Option<Range>,
+    new: Option<Range>,
+    nop: bool,
+    patched: bool,
+    transition: bool,
+}
+
+#[derive(Deserialize)]
+struct ObjectIn {
+    id: ObjectId,
+    loaded: bool,
+    dynamic: bool,
+    patched: bool,
+    callbacks: CallbackSet,
+    post_unpatch_enabled: bool,
+    funcs: Vec<FuncIn>,
+}
+
+impl Serialize for Object {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ObjectOut {
+            id: &self.id,
+            loaded: self.loaded,
+            dynamic: self.dynamic,
+            patched: self.patched,
+            callbacks: self.callbacks,
+            post_unpatch_enabled: self.post_unpatch_enabled,
+            funcs: self
+                .funcs
+                .iter()
+                .map(|f| FuncOut {
+                    name: &f.id.name,
+                    sympos: f.id.sympos(),
+                    old: f.old,
+                    new: f.new,
+                    nop: f.nop,
+                    patched: f.patched,
+                    transition: f.transition,
+                })
+                .collect(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let o = ObjectIn::deserialize(d)?;
+        let funcs = o
+            .funcs
+            .into_iter()
+            .map(|f| Func {
+                id: FuncId::new(o.id.clone(), &f.name, f.sympos),
+                old: f.old,
+                new: f.new,
+                nop: f.nop,
+                patched: f.patched,
+                transition: f.transition,
+            })
+            .collect();
+        Ok(Object {
+            id: o.id,
+            loaded: o.loaded,
+            dynamic: o.dynamic,
+            patched: o.patched,
+            callbacks: o.callbacks,
+            post_unpatch_enabled: o.post_unpatch_enabled,
+            funcs,
+        })
+    }
 }
 
 /// D3: a func of a patch.
@@ -141,9 +240,8 @@ pub struct Entry {
 /// The whole livepatch state of one target. It performs nothing: every operation returns the [`Action`]s
 /// the controller must carry out, in order, and the [`Event`]s to log. It round-trips through serde so that
 /// a stateless controller can keep it in the target's registry (DESIGN §4.8).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Model {
-    #[serde(deserialize_with = "check_format")]
     format_version: u32,
     /// C5.4: frame limit; deeper stacks are unreliable.
     max_depth: usize,
@@ -153,17 +251,79 @@ pub struct Model {
     stacks: Vec<FuncStack>,
     /// D12: at most one transition.
     transition: Option<Transition>,
-    /// C1: every thread of the target, stored compactly as tid lists per state (see [`threads_compact`]).
-    #[serde(with = "threads_compact")]
+    /// C1: every thread of the target, stored compactly as tid lists per state (see `threads_compact`).
     threads: BTreeMap<Tid, ThreadInfo>,
-    /// What every entry currently leads to (as last told to the controller).
-    #[serde(with = "map_as_seq")]
+    /// What every entry currently leads to (as last told to the controller). Derived: not serialized.
     entries: BTreeMap<FuncId, Entry>,
     /// DESIGN §4.5: generated code (dispatchers, relocated prologues) that counts as the function.
-    #[serde(with = "map_as_seq")]
     stubs: BTreeMap<FuncId, Vec<Range>>,
     /// DESIGN §4.2: the state new threads start in.
     tls_image: PatchState,
+}
+
+/// The serialized form of [`Model`] (field names are stable; `format_version` comes first).
+#[derive(Serialize)]
+struct ModelOut<'a> {
+    format_version: u32,
+    max_depth: usize,
+    patches: &'a [Patch],
+    stacks: &'a [FuncStack],
+    transition: &'a Option<Transition>,
+    #[serde(serialize_with = "threads_compact::serialize")]
+    threads: &'a BTreeMap<Tid, ThreadInfo>,
+    #[serde(serialize_with = "map_as_seq::serialize")]
+    stubs: &'a BTreeMap<FuncId, Vec<Range>>,
+    tls_image: PatchState,
+}
+
+#[derive(Deserialize)]
+struct ModelIn {
+    #[serde(deserialize_with = "check_format")]
+    format_version: u32,
+    max_depth: usize,
+    patches: Vec<Patch>,
+    stacks: Vec<FuncStack>,
+    transition: Option<Transition>,
+    #[serde(deserialize_with = "threads_compact::deserialize")]
+    threads: BTreeMap<Tid, ThreadInfo>,
+    #[serde(deserialize_with = "map_as_seq::deserialize")]
+    stubs: BTreeMap<FuncId, Vec<Range>>,
+    tls_image: PatchState,
+}
+
+impl Serialize for Model {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ModelOut {
+            format_version: self.format_version,
+            max_depth: self.max_depth,
+            patches: &self.patches,
+            stacks: &self.stacks,
+            transition: &self.transition,
+            threads: &self.threads,
+            stubs: &self.stubs,
+            tls_image: self.tls_image,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Model {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let m = ModelIn::deserialize(d)?;
+        let mut model = Model {
+            format_version: m.format_version,
+            max_depth: m.max_depth,
+            patches: m.patches,
+            stacks: m.stacks,
+            transition: m.transition,
+            threads: m.threads,
+            entries: BTreeMap::new(),
+            stubs: m.stubs,
+            tls_image: m.tls_image,
+        };
+        model.entries = model.desired_entries();
+        Ok(model)
+    }
 }
 
 fn check_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -996,20 +1156,27 @@ impl Model {
                 max: self.max_depth,
             }));
         }
-        let forbidden = self.forbidden_ranges();
+        let forbidden = self.forbidden();
         for (frame, &pc) in stack.pcs.iter().enumerate() {
-            for (func, range, code) in &forbidden {
+            for &(func, range, owner) in &forbidden {
                 let hit = if frame == 0 {
                     range.contains_pc(pc)
                 } else {
                     range.contains_return_address(pc)
                 };
                 if hit {
+                    let code = match owner {
+                        Some(patch) => Code::New {
+                            patch: patch.to_owned(),
+                            range,
+                        },
+                        None => Code::Original,
+                    };
                     return Ok(SwitchOutcome::Blocked {
                         function: func.clone(),
                         frame,
                         address: pc,
-                        code: code.clone(),
+                        code,
                     });
                 }
             }
@@ -1026,36 +1193,71 @@ impl Model {
     /// C5a: every forbidden range of the running transition, with the function it counts as and whose code
     /// it is. Empty when no transition runs.
     pub fn forbidden_ranges(&self) -> Vec<(FuncId, Range, Code)> {
+        self.forbidden()
+            .into_iter()
+            .map(|(f, r, owner)| {
+                let code = match owner {
+                    Some(patch) => Code::New {
+                        patch: patch.to_owned(),
+                        range: r,
+                    },
+                    None => Code::Original,
+                };
+                (f.clone(), r, code)
+            })
+            .collect()
+    }
+
+    /// [`Model::forbidden_ranges`] without copies: (function, range, owning patch or None for the original).
+    /// Indexes the stacks and funcs once, so a check costs O(F log F) for F functions, not O(F²).
+    fn forbidden(&self) -> Vec<(&FuncId, Range, Option<&str>)> {
         let mut v = vec![];
         let Some(t) = &self.transition else { return v };
         let Some(p) = self.patch(&t.patch) else { return v };
+        // Entry addresses are unique in the process (aliases are refused, D9), so they key the lookups: an
+        // integer compare instead of a FuncId compare.
+        let stacks: BTreeMap<u64, &FuncStack> = self.stacks.iter().map(|s| (s.old.start, s)).collect();
+        let funcs: BTreeMap<(&str, u64), &Func> = if t.target == PatchState::Patched {
+            self.patches
+                .iter()
+                .filter(|q| q.name != p.name)
+                .flat_map(|q| {
+                    q.funcs()
+                        .filter_map(move |(_, f)| Some(((q.name.as_str(), f.old?.start), f)))
+                })
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
         for (o, f) in p.funcs() {
             if !o.patched || !f.patched {
                 continue;
             }
             let primary = match t.target {
                 PatchState::Unpatched => match (f.nop, f.new) {
-                    (false, Some(new)) => Some((
-                        new,
-                        Code::New {
-                            patch: p.name.clone(),
-                            range: new,
-                        },
-                    )),
-                    _ => f.old.map(|old| (old, Code::Original)),
+                    (false, Some(new)) => Some((new, Some(p.name.as_str()))),
+                    _ => f.old.map(|old| (old, None)),
                 },
-                _ => self.func_stack(&f.id).and_then(|s| {
+                _ => f.old.and_then(|old| stacks.get(&old.start)).and_then(|s| {
                     let pos = s.entries.iter().position(|e| *e == p.name)?;
-                    match self.below_code(s, pos) {
-                        Code::New { patch, range } => Some((range, Code::New { patch, range })),
-                        Code::Original => Some((s.old, Code::Original)),
+                    if pos == 0 {
+                        return Some((s.old, None));
+                    }
+                    let below = s.entries[pos - 1].as_str();
+                    match funcs.get(&(below, s.old.start)) {
+                        Some(Func {
+                            nop: false,
+                            new: Some(r),
+                            ..
+                        }) => Some((*r, Some(below))),
+                        _ => Some((s.old, None)),
                     }
                 }),
             };
-            let Some((range, code)) = primary else { continue };
-            v.push((f.id.clone(), range, code.clone()));
+            let Some((range, owner)) = primary else { continue };
+            v.push((&f.id, range, owner));
             for stub in self.stubs(&f.id) {
-                v.push((f.id.clone(), *stub, code.clone()));
+                v.push((&f.id, *stub, owner));
             }
         }
         v
@@ -1190,6 +1392,31 @@ impl Model {
 
     /// Compare what every entry should lead to with what was installed, and emit the differences.
     fn sync_entries(&mut self, out: &mut Output) {
+        let desired = self.desired_entries();
+        for (f, e) in &desired {
+            if self.entries.get(f) != Some(e) {
+                out.action(Action::SetEntry {
+                    func: f.clone(),
+                    old: e.old,
+                    target: e.target.clone(),
+                });
+            }
+        }
+        for (f, e) in &self.entries {
+            if !desired.contains_key(f) {
+                out.action(Action::SetEntry {
+                    func: f.clone(),
+                    old: e.old,
+                    target: EntryTarget::Original,
+                });
+            }
+        }
+        self.entries = desired;
+    }
+
+    /// What every entry must lead to, from the func stacks and the transition (D9, H3, DESIGN §4.4). After
+    /// every operation this equals what the controller was told, so it is not serialized.
+    fn desired_entries(&self) -> BTreeMap<FuncId, Entry> {
         let mut desired = BTreeMap::new();
         for s in &self.stacks {
             let Some(top) = s.entries.last() else { continue };
@@ -1222,25 +1449,7 @@ impl Model {
             };
             desired.insert(s.func.clone(), Entry { old: s.old, target });
         }
-        for (f, e) in &desired {
-            if self.entries.get(f) != Some(e) {
-                out.action(Action::SetEntry {
-                    func: f.clone(),
-                    old: e.old,
-                    target: e.target.clone(),
-                });
-            }
-        }
-        for (f, e) in &self.entries {
-            if !desired.contains_key(f) {
-                out.action(Action::SetEntry {
-                    func: f.clone(),
-                    old: e.old,
-                    target: EntryTarget::Original,
-                });
-            }
-        }
-        self.entries = desired;
+        desired
     }
 
     // ------------------------------------------------------------------------------------------------------

@@ -57,7 +57,6 @@ fn serde_model_round_trips_through_json_mid_transition() {
     assert_eq!(
         keys,
         [
-            "entries",
             "format_version",
             "max_depth",
             "patches",
