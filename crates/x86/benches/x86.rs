@@ -150,6 +150,39 @@ fn main() {
         t_thunk.push(t.elapsed().as_secs_f64() * 1e6);
     }
 
+    // Module-wide branch index: build it, then analyse again with it.
+    let t = Instant::now();
+    let mut ix = TargetIndex::new();
+    for (name, addr, bytes) in &funcs {
+        ix.add(FunctionBytes {
+            name,
+            addr: *addr,
+            bytes,
+        });
+    }
+    let t_index_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut extra = Vec::new();
+    for (name, addr, bytes) in &funcs {
+        let ctx = EntryContext {
+            read_data: Some(&read),
+            index: Some(&ix),
+            ..EntryContext::default()
+        };
+        let with = analyze_entry(
+            FunctionBytes {
+                name,
+                addr: *addr,
+                bytes,
+            },
+            &ctx,
+        );
+        if let Err(e) = with
+            && plans.iter().any(|p| p.addr == *addr)
+        {
+            extra.push(e.to_string());
+        }
+    }
+
     println!(
         "relive-x86 on {path}: {} functions, {} plans",
         funcs.len(),
@@ -178,6 +211,15 @@ fn main() {
         println!("{k:<44} {n:>7}");
     }
     for r in refusals.iter().take(8) {
+        println!("  {r}");
+    }
+    println!();
+    println!(
+        "module-wide TargetIndex: {} targets, built in {t_index_ms:.1} ms; {} more refusals with it",
+        ix.len(),
+        extra.len()
+    );
+    for r in extra.iter().take(8) {
         println!("  {r}");
     }
 }

@@ -76,8 +76,8 @@ mod stub;
 
 pub use entry::{
     DirectJump, ENDBR64, EntryContext, EntryKind, EntryPlan, EntryState, EntryWrite, FunctionBytes,
-    JMP_REL8_LEN, JMP_REL32_LEN, ReadData, analyze_entry, encode_abs_jump, encode_jmp_rel8, encode_jmp_rel32,
-    rel32_reaches,
+    JMP_REL8_LEN, JMP_REL32_LEN, ReadData, TargetIndex, analyze_entry, encode_abs_jump, encode_jmp_rel8,
+    encode_jmp_rel32, rel32_reaches,
 };
 pub use error::{ClobberError, EncodeError, EntryError};
 pub use int3::{INT3, Int3Plan, Int3Step, int3_protocol, int3_state_after};

@@ -479,3 +479,50 @@ fn t_x86_entry_state_read_back() {
     assert_eq!(pp.state(&w[1].bytes, Some(&w[0].bytes)), EntryState::Jump(dest));
     assert_eq!(pp.state(&w[1].bytes, Some(&[0x90; 5])), EntryState::Foreign);
 }
+
+#[test]
+fn t_x86_4_3_module_index_catches_branches_from_other_functions() {
+    // f: mov eax,edi (2); cmp eax,3 (3); ret
+    let b = [0x89, 0xf8, 0x83, 0xf8, 0x03, 0xc3];
+    // g (elsewhere in the module): jmp f+2, then a data byte that does not decode.
+    let g_at = A + 0x3000;
+    let mut g = vec![0xe9];
+    g.extend((((A + 2) as i64 - (g_at + 5) as i64) as i32).to_le_bytes());
+    g.push(0x0f);
+    let mut ix = TargetIndex::new();
+    assert_eq!(
+        ix.add(FunctionBytes {
+            name: "f",
+            addr: A,
+            bytes: &b
+        }),
+        0
+    );
+    assert_eq!(
+        ix.add(FunctionBytes {
+            name: "g",
+            addr: g_at,
+            bytes: &g
+        }),
+        1,
+        "one undecodable byte stepped over"
+    );
+    assert_eq!(ix.first_between(A, A + 5), Some((A + 2, g_at, "branch")));
+    assert!(analyze(&b).is_ok(), "f alone does not show it");
+    let ctx = EntryContext {
+        index: Some(&ix),
+        ..EntryContext::default()
+    };
+    match analyze_entry(f(&b), &ctx) {
+        Err(EntryError::BranchTargetInside {
+            from,
+            target,
+            source_desc,
+            ..
+        }) => {
+            assert_eq!((from, target), (g_at, A + 2));
+            assert!(source_desc.contains("module-wide"), "{source_desc}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
