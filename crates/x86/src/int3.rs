@@ -88,3 +88,17 @@ pub fn int3_state_after(plan: &Int3Plan, upto: usize) -> Vec<u8> {
     }
     cur
 }
+
+/// Merges several sites' protocols into one round with 3 syncs for all of them, as the kernel batches
+/// text_poke_bp (PAUSE-FREE.md §2): every int3, sync, every tail, sync, every head, sync. Every site's
+/// `handler_dest` must be in the agent's table before the first step.
+pub fn int3_batch(plans: &[Int3Plan]) -> Vec<Int3Step> {
+    let mut out = Vec::new();
+    for phase in [0usize, 2, 4] {
+        for p in plans {
+            out.push(p.steps[phase].clone());
+        }
+        out.push(Int3Step::SyncCores);
+    }
+    out
+}

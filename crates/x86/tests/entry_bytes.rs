@@ -526,3 +526,42 @@ fn t_x86_4_3_module_index_catches_branches_from_other_functions() {
         r => panic!("{r:?}"),
     }
 }
+
+#[test]
+fn t_x86_int3_batch_three_syncs() {
+    let mk = |a: u64| {
+        let w = EntryWrite {
+            addr: a,
+            bytes: vec![0xe9, 1, 2, 3, 4],
+            expect: vec![0x0f, 0x1f, 0x44, 0, 0],
+            stop_free: true,
+        };
+        int3_protocol(&w, a + 0x100).unwrap()
+    };
+    let plans = [mk(0x1000), mk(0x2000), mk(0x3000)];
+    let steps = int3_batch(&plans);
+    assert_eq!(steps.iter().filter(|s| **s == Int3Step::SyncCores).count(), 3);
+    assert_eq!(steps.len(), 3 * 3 + 3);
+    assert_eq!(
+        steps[0],
+        Int3Step::Write {
+            addr: 0x1000,
+            bytes: vec![INT3]
+        }
+    );
+    assert_eq!(steps[3], Int3Step::SyncCores);
+    assert_eq!(
+        steps[4],
+        Int3Step::Write {
+            addr: 0x1001,
+            bytes: vec![1, 2, 3, 4]
+        }
+    );
+    assert_eq!(
+        steps[10],
+        Int3Step::Write {
+            addr: 0x3000,
+            bytes: vec![0xe9]
+        }
+    );
+}
