@@ -596,7 +596,8 @@ impl EntryPlan {
     }
 
     /// The old-path copy placed at `at`: the displaced instructions relocated there, then a jump back to
-    /// `resume` (just the jump for a pad). Fails if `at` is outside `stub_window` far enough that a
+    /// `resume` (just the jump for a pad). A PC inside the copy unwinds like the original PC it maps to
+    /// ([`Relocated::original_pc`]) under the function's own FDE; on the jump back, like `resume`. Fails if `at` is outside `stub_window` far enough that a
     /// RIP-relative operand cannot reach.
     pub fn encode_old_path(&self, at: u64) -> Result<Relocated, EncodeError> {
         let instrs: &[Instruction] = match &self.kind {

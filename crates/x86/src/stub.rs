@@ -62,7 +62,8 @@ pub const DISPATCHER_MAX_LEN: usize = 48;
 /// new_ptr: .quad new_version
 /// ```
 ///
-/// Only the flags change, which the SysV ABI allows at a function's entry.
+/// Only the flags change, which the SysV ABI allows at a function's entry. rsp does not move: for a thread
+/// stopped inside a dispatcher the caller's return address is at `[rsp]` (the unwinder's rule for it).
 pub fn encode_dispatcher(at: u64, d: &Dispatch) -> Result<Vec<u8>, EncodeError> {
     let err = |e: iced_x86::IcedError| EncodeError::Encoder {
         what: "dispatcher".into(),
