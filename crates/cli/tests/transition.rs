@@ -137,6 +137,9 @@ fn serial_t_issue5_4_conflict_refused_target_unchanged_k5() {
     let c = patch("kc", &["VERSION=4"]);
     ok(&["apply", &pid, a.to_str().unwrap()]);
     t.wait_workers(2);
+    // Issue 7: applying a patch that is already active is reported as such, with exit code 0.
+    let again = ok(&["apply", &pid, a.to_str().unwrap()]);
+    assert!(text(&again).contains("already active"), "{}", text(&again));
     let before = text_and_maps(&t);
     let o = relive(&["apply", &pid, c.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));

@@ -516,3 +516,81 @@ pub fn stop_all(pid: i32) -> Result<StoppedProcess> {
     }
     Ok(out)
 }
+
+/// Stops the threads `tids` of `pid` together and hands each one to `each` as soon as it stops, so that a
+/// thread's pause is its own handling only, not the wait for the others (issue 5: interrupt every pending
+/// thread at once, switch each one as it stops). `each` resumes the thread (or drops it, which detaches).
+/// Returns the threads that exited meanwhile. Only these threads stop; the rest of the process runs on.
+/// (Added by the transition driver; waits with `waitpid(-1, __WALL)`, ignoring other children's events.)
+pub fn stop_each(pid: i32, tids: &[i32], mut each: impl FnMut(StoppedThread) -> Result<()>) -> Result<Vec<i32>> {
+    let mut gone = Vec::new();
+    let mut waiting: Vec<i32> = Vec::new();
+    let release = |waiting: &[i32]| {
+        for &t in waiting {
+            if wait_for_interrupt(pid, t).is_ok() {
+                drop(StoppedThread { pid, tid: t, attached: true, stopped: true });
+            }
+        }
+    };
+    for &tid in tids {
+        match seize(pid, tid) {
+            Ok(()) => {}
+            Err(e) if e.is_target_died() => {
+                gone.push(tid);
+                continue;
+            }
+            Err(e) => {
+                release(&waiting);
+                return Err(e);
+            }
+        }
+        waiting.push(tid);
+        if let Err(e) = interrupt(pid, tid)
+            && !e.is_target_died()
+        {
+            release(&waiting);
+            return Err(e);
+        }
+    }
+    while !waiting.is_empty() {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int to `status`, a valid local.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            release(&waiting);
+            return Err(ProcError::from_os(pid, None, "waitpid", err));
+        }
+        let Some(i) = waiting.iter().position(|&t| t == r) else { continue };
+        match decode_status(status) {
+            StopKind::EventStop(_) => {
+                waiting.swap_remove(i);
+                if let Err(e) = each(StoppedThread { pid, tid: r, attached: true, stopped: true }) {
+                    release(&waiting);
+                    return Err(e);
+                }
+            }
+            StopKind::Signal(sig) => {
+                // Re-inject; the interrupt stays pending and the thread stops again right after.
+                if ptrace(libc::PTRACE_CONT, r, 0, sig as u64) != 0 {
+                    waiting.swap_remove(i);
+                    gone.push(r);
+                }
+            }
+            StopKind::Syscall | StopKind::Event(_) => {
+                if ptrace(libc::PTRACE_CONT, r, 0, 0) != 0 {
+                    waiting.swap_remove(i);
+                    gone.push(r);
+                }
+            }
+            StopKind::Exited(_) | StopKind::Killed(_) => {
+                waiting.swap_remove(i);
+                gone.push(r);
+            }
+        }
+    }
+    Ok(gone)
+}

@@ -266,6 +266,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
         "writing {} entries under one stop of every thread",
         b.writes.len()
     ));
+    let needs_full_check = b.writes.iter().any(|(_, w)| !w.stop_free);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempts = 0u32;
     loop {
@@ -294,8 +295,10 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
                 blocked = Some((t.tid(), format!("pc {pc:#x}")));
                 break;
             }
-            if !stack.verdict.is_reliable() {
+            if !stack.verdict.is_reliable() && needs_full_check {
                 // A frame we could not see may be a signal frame holding an interior PC (PAUSE-FREE.md §2).
+                // Writes that replace one whole instruction by another (a jump retargeted, original bytes back
+                // over a jump) cannot be entered half-way, so they need no full stack.
                 blocked = Some((t.tid(), format!("unreliable stack ({:?})", stack.verdict)));
                 break;
             }

@@ -110,6 +110,9 @@ pub struct Report {
     pub forced: bool,
     pub agent_injected: bool,
     pub elapsed_ms: f64,
+    /// From the start of the transition (init) to its completion (or to the command's return while pending):
+    /// the part after the agent, the process image and the patch library were ready.
+    pub transition_ms: f64,
     /// Stop-all windows (entry writes), in order.
     pub windows: Vec<Window>,
     /// Per-thread pause of the switching loop: median, p99 and max, in µs.
@@ -331,6 +334,7 @@ fn finish_transition(
     rep: &mut Report,
     progress: &mut dyn Progress,
     started: Instant,
+    transition_started: Instant,
 ) -> Result<(), Fail> {
     let deadline = opts.timeout.map(|t| started + t);
     let mut stats = SwitchStats::default();
@@ -352,6 +356,7 @@ fn finish_transition(
     rep.add_stats(&stats);
     rep.threads = s.doc.model.threads().len();
     rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    rep.transition_ms = transition_started.elapsed().as_secs_f64() * 1e3;
     if let Some(t) = s.doc.model.transition() {
         rep.target = Some(switch::target_word(t.target).into());
     }
@@ -412,6 +417,7 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     patchfile::make_thunks(&mut s, &pf.name, &prepared)?;
     s.sync_threads_idle()?;
     // 7: init (C2), pre_patch callbacks.
+    let transition_started = Instant::now();
     s.doc.seq += 1;
     let init = match s.doc.model.enable(spec) {
         Ok(o) => o,
@@ -439,7 +445,7 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     }
     s.save()?;
     // 9–10: switch threads, complete.
-    finish_transition(&mut s, opts, &mut rep, progress, started)?;
+    finish_transition(&mut s, opts, &mut rep, progress, started, transition_started)?;
     Ok(rep)
 }
 
@@ -482,6 +488,7 @@ pub fn disable(pid: i32, patch: &str, opts: &Options, progress: &mut dyn Progres
         ..Report::default()
     };
     let reversing = s.doc.model.in_transition(&name);
+    let transition_started = Instant::now();
     // Bring the model's thread states up to date with the slots before a reverse (C9): a controller killed
     // after writing slots must not leave switched threads behind.
     if reversing {
@@ -501,7 +508,7 @@ pub fn disable(pid: i32, patch: &str, opts: &Options, progress: &mut dyn Progres
     if reversing {
         rep.operation = "reverse".into();
     }
-    finish_transition(&mut s, opts, &mut rep, progress, started)?;
+    finish_transition(&mut s, opts, &mut rep, progress, started, transition_started)?;
     Ok(rep)
 }
 
@@ -564,7 +571,7 @@ pub fn transition(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Resu
         }
     }
     reconcile(&mut s, &mut rep, progress)?;
-    finish_transition(&mut s, opts, &mut rep, progress, started)?;
+    finish_transition(&mut s, opts, &mut rep, progress, started, started)?;
     Ok(rep)
 }
 
@@ -614,7 +621,7 @@ pub fn force(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Result<Re
         timeout: Some(Duration::from_secs(60)),
         ..opts.clone()
     };
-    finish_transition(&mut s, &opts, &mut rep, progress, started)?;
+    finish_transition(&mut s, &opts, &mut rep, progress, started, started)?;
     rep.forced = true;
     Ok(rep)
 }

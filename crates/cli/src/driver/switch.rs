@@ -60,89 +60,38 @@ fn describe(s: &Session, outcome: &SwitchOutcome, tid: i32) -> Option<Blocker> {
 }
 
 /// One round over `tids` (every thread on the first round of a command, then the pending ones and the new).
+/// Every thread of the round is interrupted at once and handled as soon as it stops (stop, unwind, decide,
+/// write its state, resume: DESIGN §4.5), so a thread's pause is its own handling only.
 pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<Round, Fail> {
     let pid = s.pid;
     let mut blockers = vec![];
     let mut reader = PageCacheReader::new(pid);
-    for &tid in tids {
+    let gone = relive_proc::ptrace::stop_each(pid, tids, |t| {
         let t0 = Instant::now();
-        let t = match relive_proc::stop_thread(pid, tid) {
-            Ok(t) => t,
-            Err(e) if e.is_target_died() => {
-                if !relive_proc::process_exists(pid) {
-                    return Err(Fail::Error(anyhow!("pid {pid} exited during the transition")));
-                }
-                let _ = s.doc.model.remove_thread(Tid(tid));
-                s.fs_base.remove(&tid);
-                continue;
-            }
-            Err(e) => return Err(proc_err(pid, &format!("cannot stop thread {tid}"), e)),
-        };
-        let regs = t
-            .regs()
-            .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
-        s.fs_base.insert(tid, regs.fs_base);
-        // The slot is the truth (DESIGN §4.8): a controller killed after writing a slot but before saving the
-        // document leaves the model behind; adopt what the slot says.
-        let observed = s
-            .read_slot(regs.fs_base)
-            .map_err(|e| proc_err(pid, &format!("cannot read thread {tid}'s state"), e))?;
-        let model_state = s.doc.model.thread(Tid(tid)).map(|i| i.state);
-        let initial = s
-            .doc
-            .model
-            .transition()
-            .map(|t| t.initial)
-            .unwrap_or(PatchState::Idle);
-        let effective = if observed == PatchState::Idle {
-            initial
-        } else {
-            observed
-        };
-        if model_state != Some(effective) {
-            let _ = s.doc.model.remove_thread(Tid(tid));
-            s.doc
-                .model
-                .adopt_thread(Tid(tid), observed)
-                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
-        }
-        if s.doc.model.thread(Tid(tid)).is_some_and(|i| i.pending) {
-            reader.clear();
-            let stack = s.unwinder.unwind(
-                StartRegs {
-                    ip: regs.rip,
-                    sp: regs.rsp,
-                    bp: regs.rbp,
-                },
-                &mut reader,
-                s.max_depth,
-            );
-            let pcs: Vec<u64> = stack.frames.iter().map(|f| f.pc).collect();
-            let ts = ThreadStack {
-                pcs,
-                reliable: stack.verdict.is_reliable(),
-            };
-            let outcome = s
-                .doc
-                .model
-                .try_switch(Tid(tid), &ts)
-                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
-            match &outcome {
-                SwitchOutcome::Switched(relive_core::Action::WriteThreadState { state, .. }) => {
-                    s.write_slot(regs.fs_base, *state)
-                        .map_err(|e| proc_err(pid, &format!("cannot write thread {tid}'s state"), e))?;
-                    stats.switched += 1;
-                }
-                other => {
-                    if let Some(b) = describe(s, other, tid) {
-                        blockers.push(b);
-                    }
-                }
-            }
-        }
-        t.resume()
-            .map_err(|e| proc_err(pid, &format!("cannot resume thread {tid}"), e))?;
+        let tid = t.tid();
+        let r = handle(s, &t, &mut reader, stats, &mut blockers);
+        t.resume()?;
         stats.pauses_us.push(t0.elapsed().as_micros() as u64);
+        r.map_err(|e| relive_proc::ProcError::Os {
+            pid,
+            tid: Some(tid),
+            op: "switch a thread",
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+    .map_err(|e| {
+        if !relive_proc::process_exists(pid) {
+            Fail::Error(anyhow!("pid {pid} exited during the transition"))
+        } else {
+            proc_err(pid, "cannot switch threads", e)
+        }
+    })?;
+    for tid in gone {
+        let _ = s.doc.model.remove_thread(Tid(tid));
+        s.fs_base.remove(&tid);
+    }
+    if !relive_proc::process_exists(pid) {
+        return Err(Fail::Error(anyhow!("pid {pid} exited during the transition")));
     }
     stats.rounds += 1;
     stats.blockers = blockers;
@@ -151,6 +100,81 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
         pending: s.doc.model.pending().len(),
         total,
     })
+}
+
+/// Handles one stopped thread: adopt what its slot says, and if it is pending, unwind it and try to switch it.
+fn handle(
+    s: &mut Session,
+    t: &relive_proc::StoppedThread,
+    reader: &mut PageCacheReader,
+    stats: &mut SwitchStats,
+    blockers: &mut Vec<Blocker>,
+) -> Result<(), Fail> {
+    let pid = s.pid;
+    let tid = t.tid();
+    let regs = t
+        .regs()
+        .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
+    s.fs_base.insert(tid, regs.fs_base);
+    // The slot is the truth (DESIGN §4.8): a controller killed after writing a slot but before saving the
+    // document leaves the model behind; adopt what the slot says.
+    let observed = s
+        .read_slot(regs.fs_base)
+        .map_err(|e| proc_err(pid, &format!("cannot read thread {tid}'s state"), e))?;
+    let model_state = s.doc.model.thread(Tid(tid)).map(|i| i.state);
+    let initial = s
+        .doc
+        .model
+        .transition()
+        .map(|t| t.initial)
+        .unwrap_or(PatchState::Idle);
+    let effective = if observed == PatchState::Idle {
+        initial
+    } else {
+        observed
+    };
+    if model_state != Some(effective) {
+        let _ = s.doc.model.remove_thread(Tid(tid));
+        s.doc
+            .model
+            .adopt_thread(Tid(tid), observed)
+            .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+    }
+    if s.doc.model.thread(Tid(tid)).is_some_and(|i| i.pending) {
+        reader.clear();
+        let stack = s.unwinder.unwind(
+            StartRegs {
+                ip: regs.rip,
+                sp: regs.rsp,
+                bp: regs.rbp,
+            },
+            reader,
+            s.max_depth,
+        );
+        let pcs: Vec<u64> = stack.frames.iter().map(|f| f.pc).collect();
+        let ts = ThreadStack {
+            pcs,
+            reliable: stack.verdict.is_reliable(),
+        };
+        let outcome = s
+            .doc
+            .model
+            .try_switch(Tid(tid), &ts)
+            .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+        match &outcome {
+            SwitchOutcome::Switched(relive_core::Action::WriteThreadState { state, .. }) => {
+                s.write_slot(regs.fs_base, *state)
+                    .map_err(|e| proc_err(pid, &format!("cannot write thread {tid}'s state"), e))?;
+                stats.switched += 1;
+            }
+            other => {
+                if let Some(b) = describe(s, other, tid) {
+                    blockers.push(b);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The threads to visit this round: the pending ones and those the model does not know yet (`all` = every

@@ -1,0 +1,242 @@
+//! Transition benchmark (issue 5 "Benchmark"): prints one table. Every row runs in this process's run, with its
+//! baseline (a direct call of the same code) measured in the same target.
+//!
+//! Run: `cargo bench -p relive --bench transition` (release build of relive, the agent and this harness).
+//! The agent is preloaded (as libpulp's is), so apply wall time excludes injection.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use relive_testkit::{GuardedChild, compile_c, spawn_guarded};
+
+fn agent() -> PathBuf {
+    relive_proc::agent::agent_library_path()
+        .expect("librelive_agent.so (cargo build --release -p relive-agent)")
+}
+
+struct Target {
+    child: GuardedChild,
+}
+
+impl Target {
+    fn start(args: &[&str]) -> Target {
+        let exe = compile_c(
+            "transition_bench",
+            &["transition_bench.c"],
+            &["-O2", "-g", "-pthread", "-rdynamic"],
+        );
+        let mut cmd = Command::new(exe);
+        cmd.args(args).env("LD_PRELOAD", agent()).stdin(Stdio::piped());
+        Target {
+            child: spawn_guarded(cmd, "bench ready", Duration::from_secs(60))
+                .expect("start the bench target"),
+        }
+    }
+    fn pid(&self) -> String {
+        self.child.pid().to_string()
+    }
+    fn send(&mut self, cmd: &str) {
+        while self.child.next_line(Duration::ZERO).is_some() {}
+        let stdin = self.child.child_mut().stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+    }
+    fn ask(&mut self, cmd: &str, prefix: &str) -> String {
+        self.send(cmd);
+        loop {
+            let l = self
+                .child
+                .next_line(Duration::from_secs(60))
+                .expect("target answer");
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+    }
+    fn field(line: &str, k: &str) -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+    fn max_pause_ms(&mut self) -> f64 {
+        Self::field(&self.ask("report", "pause "), "max_ns") / 1e6
+    }
+}
+
+fn relive(args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_relive"))
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run relive");
+    assert!(
+        o.status.success() || o.status.code() == Some(0),
+        "relive {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("relive --json output")
+}
+
+fn patch(hold: bool) -> PathBuf {
+    let mut flags = vec!["-O2", "-g", "-fPIC", "-shared"];
+    if hold {
+        flags.push("-DHOLD=1");
+    }
+    compile_c(
+        if hold {
+            "transition_bench_patch_hold"
+        } else {
+            "transition_bench_patch"
+        },
+        &["transition_bench_patch.c"],
+        &flags,
+    )
+}
+
+struct Run {
+    wall_ms: f64,
+    transition_ms: f64,
+    thread_pause_ms: f64,
+    pauses: Vec<u64>,
+    windows: Vec<u64>,
+}
+
+fn run(t: &mut Target, args: &[&str]) -> Run {
+    t.send("reset");
+    let t0 = Instant::now();
+    let j = relive(args);
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let thread_pause_ms = t.max_pause_ms();
+    let pauses = j["pause_us"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap()).collect())
+        .unwrap_or_default();
+    let windows = j["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["window_us"].as_u64().unwrap())
+        .collect();
+    Run {
+        wall_ms,
+        transition_ms: j["transition_ms"].as_f64().unwrap(),
+        thread_pause_ms,
+        pauses,
+        windows,
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let p = patch(false);
+    let p = p.to_str().unwrap();
+    println!(
+        "relive transition benchmark (agent preloaded; wall = the whole `relive` command incl. process start,"
+    );
+    println!(
+        "image load and patch dlopen; transition = init → completion; pause = longest gap any target thread saw)\n"
+    );
+    println!(
+        "| scenario | op | wall ms | transition ms | longest thread pause ms | stop-all windows µs | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let scenarios: [(&str, Vec<&str>, &str); 4] = [
+        ("1 thread", vec!["--busy", "1"], "5.98 ms / 1.84 ms"),
+        (
+            "100 threads: 2 busy, 98 in 1 ms nanosleep",
+            vec!["--busy", "2", "--nap", "98"],
+            "24.6 ms / 6.8–12.6 ms",
+        ),
+        ("100 threads, all busy", vec!["--busy", "100"], "5.36 s / 5.11 s"),
+        (
+            "1,000 threads blocked",
+            vec!["--blocked", "1000"],
+            "68 ms / 63 ms",
+        ),
+    ];
+    let mut all_pauses = vec![];
+    for (name, args, pulp) in scenarios {
+        let mut t = Target::start(&args);
+        let pid = t.pid();
+        for (op, a) in [
+            ("apply", vec!["apply", pid.as_str(), p]),
+            ("revert", vec!["disable", pid.as_str(), "bench"]),
+        ] {
+            let r = run(&mut t, &a);
+            let mut ps = r.pauses.clone();
+            ps.sort_unstable();
+            let q = |f: f64| {
+                if ps.is_empty() {
+                    0
+                } else {
+                    ps[((ps.len() - 1) as f64 * f).round() as usize]
+                }
+            };
+            all_pauses.extend(r.pauses.iter().copied());
+            println!(
+                "| {name} | {op} | {:.1} | {:.1} | {:.2} | {:?} | {} / {} / {} | {} |",
+                r.wall_ms,
+                r.transition_ms,
+                r.thread_pause_ms,
+                r.windows,
+                q(0.5),
+                q(0.99),
+                ps.last().copied().unwrap_or(0),
+                if op == "apply" { pulp } else { "" }
+            );
+        }
+    }
+    all_pauses.sort_unstable();
+    let q = |f: f64| all_pauses[((all_pauses.len() - 1) as f64 * f).round() as usize];
+    println!(
+        "\nper-thread pause over every switch above: median {} µs, p99 {} µs, max {} µs ({} switches)",
+        q(0.5),
+        q(0.99),
+        all_pauses.last().unwrap(),
+        all_pauses.len()
+    );
+    // Stop-all window and completion time with N threads not inside patched code.
+    println!(
+        "\n| threads not in patched code | stop-all window µs (install, complete) | transition ms (init → complete) |"
+    );
+    println!("|---|---|---|");
+    for n in [10, 100, 1000] {
+        let mut t = Target::start(&["--blocked", &n.to_string()]);
+        let pid = t.pid();
+        let r = run(&mut t, &["apply", pid.as_str(), p]);
+        println!("| {n} | {:?} | {:.1} |", r.windows, r.transition_ms);
+    }
+    // Call cost: unpatched, during a transition (dispatcher), after completion; ratios to a direct call.
+    let hp = patch(true);
+    let mut t = Target::start(&["--blocked", "1", "--hold"]);
+    let pid = t.pid();
+    let cost = |t: &mut Target| {
+        let l = t.ask("cost", "cost ");
+        (Target::field(&l, "direct_ns"), Target::field(&l, "patched_ns"))
+    };
+    let (d0, p0) = cost(&mut t);
+    let o = Command::new(env!("CARGO_BIN_EXE_relive"))
+        .args(["apply", pid.as_str(), hp.to_str().unwrap(), "--no-wait"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (d1, p1) = cost(&mut t);
+    let _ = relive(&["force", pid.as_str()]);
+    let (d2, p2) = cost(&mut t);
+    println!("\n| call of bench_fn | ns | direct call ns (same run) | ratio | added ns |");
+    println!("|---|---|---|---|---|");
+    for (what, d, p) in [
+        ("unpatched", d0, p0),
+        ("during a transition (dispatcher)", d1, p1),
+        ("after completion", d2, p2),
+    ] {
+        println!("| {what} | {p:.2} | {d:.2} | {:.2} | {:+.2} |", p / d, p - d);
+    }
+    println!("\nlibpulp adds 0.87 ns per patched call.");
+}
