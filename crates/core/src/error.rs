@@ -144,6 +144,17 @@ pub enum Error {
         code: i32,
     },
 
+    /// CB6: a pre_patch callback refused a loading object; the load must fail with that code.
+    #[error(
+        "patch '{patch}': pre_patch callback for loading object '{object}' failed with {code}; the object must \
+         not be loaded (fail the dlopen); fix the condition the callback reports, or disable '{patch}' first"
+    )]
+    ObjectRefused {
+        patch: String,
+        object: ObjectId,
+        code: i32,
+    },
+
     #[error("thread {tid} is not known to the model; add it first (add_thread)")]
     ThreadNotFound { tid: Tid },
 
@@ -188,7 +199,7 @@ impl Error {
             Error::UnresolvedFunc { .. } | Error::PatchNotFound { .. } | Error::ThreadNotFound { .. } => {
                 "ENOENT"
             }
-            Error::PrePatchFailed { .. } => "ECANCELED",
+            Error::PrePatchFailed { .. } | Error::ObjectRefused { .. } => "ECANCELED",
         }
     }
 

@@ -68,8 +68,8 @@ mod spec;
 pub use error::{Error, StateProblem};
 pub use ids::{FuncId, ObjectId, ObjectKey, PatchState, Range, Tid, normalise_sympos};
 pub use model::{
-    DEFAULT_MAX_DEPTH, Entry, FORMAT_VERSION, Func, FuncStack, MAX_FUNC_NAME, Model, Object, Patch, Phase,
-    SIGNAL_EVERY, ThreadInfo, Transition,
+    Coming, DEFAULT_MAX_DEPTH, Entry, FORMAT_VERSION, Func, FuncStack, MAX_FUNC_NAME, Model, Object, Patch,
+    Phase, SIGNAL_EVERY, ThreadInfo, Transition,
 };
 pub use output::{
     Action, CallbackKind, Code, EntryTarget, Event, Output, PrevState, Step, SwitchOutcome, ThreadStack,

@@ -259,6 +259,15 @@ pub struct Model {
     stubs: BTreeMap<FuncId, Vec<Range>>,
     /// DESIGN §4.2: the state new threads start in.
     tls_image: PatchState,
+    /// CB6: an object being loaded, waiting for its pre_patch results ([`Model::object_coming_done`]).
+    coming: Option<Coming>,
+}
+
+/// CB6 in progress: the object, and the patches whose pre_patch callback was requested, in list order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coming {
+    pub object: ObjectId,
+    pub patches: Vec<String>,
 }
 
 /// The serialized form of [`Model`] (field names are stable; `format_version` comes first).
@@ -274,6 +283,7 @@ struct ModelOut<'a> {
     #[serde(serialize_with = "map_as_seq::serialize")]
     stubs: &'a BTreeMap<FuncId, Vec<Range>>,
     tls_image: PatchState,
+    coming: &'a Option<Coming>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +299,8 @@ struct ModelIn {
     #[serde(deserialize_with = "map_as_seq::deserialize")]
     stubs: BTreeMap<FuncId, Vec<Range>>,
     tls_image: PatchState,
+    #[serde(default)]
+    coming: Option<Coming>,
 }
 
 impl Serialize for Model {
@@ -302,6 +314,7 @@ impl Serialize for Model {
             threads: &self.threads,
             stubs: &self.stubs,
             tls_image: self.tls_image,
+            coming: &self.coming,
         }
         .serialize(s)
     }
@@ -320,6 +333,7 @@ impl<'de> Deserialize<'de> for Model {
             entries: BTreeMap::new(),
             stubs: m.stubs,
             tls_image: m.tls_image,
+            coming: m.coming,
         };
         model.entries = model.desired_entries();
         Ok(model)
@@ -455,6 +469,7 @@ impl Model {
             entries: BTreeMap::new(),
             stubs: BTreeMap::new(),
             tls_image: PatchState::Idle,
+            coming: None,
         }
     }
 
@@ -1450,6 +1465,305 @@ impl Model {
             desired.insert(s.func.clone(), Entry { old: s.old, target });
         }
         desired
+    }
+
+    // ------------------------------------------------------------------------------------------------------
+    // CB6/CB7: objects loaded and unloaded while patches are active (the kernel's module coming/going hooks)
+    // ------------------------------------------------------------------------------------------------------
+
+    /// CB6 step 1: `object` is being loaded (`dlopen`), before any of its code ran. `old_ranges` are its
+    /// functions' code ranges, resolved by D5. For every active patch with a matching object, in list order:
+    /// "applying patch 'P' to loading module 'M'" and its pre_patch callback. Run the callbacks in order,
+    /// stop at the first failure, and pass the results to [`Model::object_coming_done`].
+    ///
+    /// Nothing changes on error (a func without a resolved range, or a patch library whose new function is
+    /// unknown). No transition is needed: no thread can be inside the object yet.
+    pub fn object_coming(
+        &mut self,
+        object: &ObjectId,
+        old_ranges: &[(FuncId, Range)],
+    ) -> Result<Output, Error> {
+        if let Some(c) = &self.coming {
+            return Err(Error::WrongPhase {
+                op: format!("load object '{object}'"),
+                patch: c.patches.first().cloned().unwrap_or_default(),
+                phase: format!("applying to loading object '{}'", c.object),
+                hint: "report that object's pre_patch results (object_coming_done) first".to_owned(),
+            });
+        }
+        if let Some(t) = self.transition.as_ref().filter(|t| t.phase == Phase::Init) {
+            return Err(Error::WrongPhase {
+                op: format!("load object '{object}'"),
+                patch: t.patch.clone(),
+                phase: phase_name(false, t.target),
+                hint: "report the pre_patch results (start) first".to_owned(),
+            });
+        }
+        // Resolve everything first (klp_init_object_loaded), so that a failure changes nothing.
+        // (patch index, object index, (old, new) per func)
+        type Resolved = (usize, usize, Vec<(Range, Range)>);
+        let mut resolved: Vec<Resolved> = vec![];
+        for (pi, p) in self.patches.iter().enumerate() {
+            let Some(oi) = p.objects.iter().position(|o| o.id == *object && !o.loaded) else {
+                continue;
+            };
+            let mut ranges = vec![];
+            for f in &p.objects[oi].funcs {
+                let old = old_ranges.iter().find(|(id, _)| *id == f.id).map(|(_, r)| *r);
+                let new = if f.nop { old } else { f.new };
+                match (old, new) {
+                    (Some(old), Some(new)) if !old.is_empty() && !new.is_empty() => ranges.push((old, new)),
+                    _ => {
+                        return Err(Error::UnresolvedFunc {
+                            patch: p.name.clone(),
+                            function: Box::new(f.id.clone()),
+                        });
+                    }
+                }
+            }
+            resolved.push((pi, oi, ranges));
+        }
+        let mut out = Output::default();
+        let mut requested = vec![];
+        for (pi, oi, ranges) in resolved {
+            let prev_states = self.prev_states();
+            let p = &mut self.patches[pi];
+            let o = &mut p.objects[oi];
+            o.loaded = true;
+            for (f, (old, new)) in o.funcs.iter_mut().zip(ranges) {
+                f.old = Some(old);
+                if !f.nop {
+                    f.new = Some(new);
+                }
+            }
+            out.event(Event::ApplyingToLoadingObject {
+                patch: p.name.clone(),
+                object: object.clone(),
+            });
+            if o.callbacks.pre_patch {
+                out.action(Action::RunCallback {
+                    patch: p.name.clone(),
+                    object: object.clone(),
+                    kind: CallbackKind::PrePatch,
+                    prev_states,
+                });
+            }
+            requested.push(p.name.clone());
+        }
+        self.coming = Some(Coming {
+            object: object.clone(),
+            patches: requested,
+        });
+        Ok(out)
+    }
+
+    /// CB6 step 2: the pre_patch results of the callbacks [`Model::object_coming`] requested (one per
+    /// callback run, in order, ending at the first non-zero one). Each patch whose pre_patch succeeded (or
+    /// has none) pushes its funcs and runs post_patch, except the transition patch, whose post_patch runs at
+    /// completion. On a failure the object is refused: the earlier patches are reverted (post_unpatch where
+    /// pre_patch succeeded) and `error` carries [`Error::ObjectRefused`]: fail the `dlopen`.
+    pub fn object_coming_done(&mut self, pre_patch_results: &[i32]) -> Result<Output, Error> {
+        let c = self.coming.clone().ok_or(Error::NoTransition {
+            op: "finish loading an object".to_owned(),
+        })?;
+        let with_cb: Vec<&String> = c
+            .patches
+            .iter()
+            .filter(|n| {
+                self.patch(n)
+                    .and_then(|p| p.objects.iter().find(|o| o.id == c.object))
+                    .is_some_and(|o| o.callbacks.pre_patch)
+            })
+            .collect();
+        let failed = pre_patch_results.iter().position(|r| *r != 0);
+        let ok_len = match failed {
+            Some(i) => pre_patch_results.len() == i + 1,
+            None => pre_patch_results.len() == with_cb.len(),
+        };
+        if !ok_len || pre_patch_results.len() > with_cb.len() {
+            return Err(Error::BadCallbackResults {
+                patch: c.patches.first().cloned().unwrap_or_default(),
+                expected: with_cb.len(),
+                got: pre_patch_results.len(),
+            });
+        }
+        let failing_patch = failed.map(|i| with_cb[i].clone());
+        self.coming = None;
+        let mut out = Output::default();
+        let transition_patch = self.transition.as_ref().map(|t| t.patch.clone());
+        let mut applied = vec![];
+        for name in &c.patches {
+            if Some(name) == failing_patch.as_ref() {
+                break;
+            }
+            applied.push(name.clone());
+        }
+        if let Some(bad) = &failing_patch {
+            let i = failed.unwrap_or_default();
+            out.event(Event::PrePatchFailed {
+                patch: bad.clone(),
+                object: c.object.clone(),
+            });
+            out.event(Event::RefusingObject {
+                patch: bad.clone(),
+                object: c.object.clone(),
+            });
+            // The earlier patches never pushed anything or ran post_patch (their pushes happen below, after
+            // every pre_patch succeeded): only post_unpatch pairs with their pre_patch (CB2).
+            let prev_states = self.prev_states();
+            for name in &applied {
+                let Some(p) = self.patches.iter().find(|p| p.name == *name) else {
+                    continue;
+                };
+                if let Some(o) = p.objects.iter().find(|o| o.id == c.object)
+                    && o.callbacks.post_unpatch
+                {
+                    out.event(Event::RevertingOnUnloadingObject {
+                        patch: name.clone(),
+                        object: c.object.clone(),
+                    });
+                    out.action(Action::RunCallback {
+                        patch: name.clone(),
+                        object: c.object.clone(),
+                        kind: CallbackKind::PostUnpatch,
+                        prev_states: prev_states.clone(),
+                    });
+                }
+            }
+            for name in &c.patches {
+                self.unload_object(name, &c.object);
+            }
+            out.error = Some(Error::ObjectRefused {
+                patch: bad.clone(),
+                object: c.object.clone(),
+                code: pre_patch_results[i],
+            });
+            return Ok(out);
+        }
+        let prev_states = self.prev_states();
+        for name in &applied {
+            let Some(pi) = self.patches.iter().position(|p| p.name == *name) else {
+                continue;
+            };
+            let p = &mut self.patches[pi];
+            let Some(o) = p.objects.iter_mut().find(|o| o.id == c.object) else {
+                continue;
+            };
+            o.post_unpatch_enabled = true;
+            o.patched = true;
+            let funcs: Vec<(FuncId, Range)> = o
+                .funcs
+                .iter_mut()
+                .filter_map(|f| {
+                    f.patched = true;
+                    Some((f.id.clone(), f.old?))
+                })
+                .collect();
+            let post = o.callbacks.post_patch && Some(name) != transition_patch.as_ref();
+            for (id, old) in funcs {
+                match self.stacks.iter_mut().find(|s| s.func == id) {
+                    Some(s) => s.entries.push(name.clone()),
+                    None => self.stacks.push(FuncStack {
+                        func: id,
+                        old,
+                        entries: vec![name.clone()],
+                    }),
+                }
+            }
+            self.sync_entries(&mut out);
+            if post {
+                out.action(Action::RunCallback {
+                    patch: name.clone(),
+                    object: c.object.clone(),
+                    kind: CallbackKind::PostPatch,
+                    prev_states: prev_states.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// CB7: `object` is being unloaded (after its destructors, before the unmap). For every active patch with
+    /// the object loaded, in list order: pre_unpatch (unless it is the transition patch), "reverting patch
+    /// 'P' on unloading module 'M'", unlink its funcs at once (no transition), post_unpatch (CB2).
+    pub fn object_going(&mut self, object: &ObjectId) -> Result<Output, Error> {
+        if self.coming.as_ref().is_some_and(|c| c.object == *object) {
+            return Err(Error::WrongPhase {
+                op: format!("unload object '{object}'"),
+                patch: String::new(),
+                phase: "still being loaded".to_owned(),
+                hint: "report its pre_patch results (object_coming_done) first".to_owned(),
+            });
+        }
+        let transition_patch = self.transition.as_ref().map(|t| t.patch.clone());
+        let prev_states = self.prev_states();
+        let mut out = Output::default();
+        let names: Vec<String> = self
+            .patches
+            .iter()
+            .filter(|p| p.objects.iter().any(|o| o.id == *object && o.loaded))
+            .map(|p| p.name.clone())
+            .collect();
+        for name in names {
+            let p = self
+                .patches
+                .iter_mut()
+                .find(|p| p.name == name)
+                .expect("listed above");
+            let o = p
+                .objects
+                .iter_mut()
+                .find(|o| o.id == *object)
+                .expect("listed above");
+            if o.patched && o.callbacks.pre_unpatch && Some(&name) != transition_patch.as_ref() {
+                out.action(Action::RunCallback {
+                    patch: name.clone(),
+                    object: object.clone(),
+                    kind: CallbackKind::PreUnpatch,
+                    prev_states: prev_states.clone(),
+                });
+            }
+            out.event(Event::RevertingOnUnloadingObject {
+                patch: name.clone(),
+                object: object.clone(),
+            });
+            let post = std::mem::replace(&mut o.post_unpatch_enabled, false) && o.callbacks.post_unpatch;
+            self.unload_object(&name, object);
+            self.sync_entries(&mut out);
+            if post {
+                out.action(Action::RunCallback {
+                    patch: name.clone(),
+                    object: object.clone(),
+                    kind: CallbackKind::PostUnpatch,
+                    prev_states: prev_states.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unlink one object's funcs of one patch, and forget their old ranges (the object is gone, CB7.4).
+    fn unload_object(&mut self, patch: &str, object: &ObjectId) {
+        let Some(p) = self.patches.iter_mut().find(|p| p.name == patch) else {
+            return;
+        };
+        let Some(o) = p.objects.iter_mut().find(|o| o.id == *object) else {
+            return;
+        };
+        for f in &mut o.funcs {
+            if let Some(s) = self.stacks.iter_mut().find(|s| s.func == f.id) {
+                s.entries.retain(|e| e != patch);
+            }
+            f.patched = false;
+            f.old = None;
+            if f.nop {
+                f.new = None;
+            }
+        }
+        o.patched = false;
+        o.loaded = false;
+        o.post_unpatch_enabled = false;
+        self.stacks.retain(|s| !s.entries.is_empty());
     }
 
     // ------------------------------------------------------------------------------------------------------

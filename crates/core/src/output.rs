@@ -158,6 +158,12 @@ pub enum Event {
     TransitionComplete { patch: String, target: PatchState },
     /// L1.6 / ST3 "Livepatch patch (P) is not compatible with the already installed livepatches."
     NotCompatible { patch: String },
+    /// CB6 "applying patch 'P' to loading module 'M'".
+    ApplyingToLoadingObject { patch: String, object: ObjectId },
+    /// CB6 failure "patch 'P' failed for module 'M', refusing to load module 'M'".
+    RefusingObject { patch: String, object: ObjectId },
+    /// CB7 "reverting patch 'P' on unloading module 'M'".
+    RevertingOnUnloadingObject { patch: String, object: ObjectId },
 }
 
 impl fmt::Display for Event {
@@ -208,6 +214,22 @@ impl fmt::Display for Event {
             }
             Event::TransitionComplete { patch, target } => {
                 write!(f, "livepatch: '{patch}': {} complete", target.transition_word())
+            }
+            Event::ApplyingToLoadingObject { patch, object } => {
+                write!(
+                    f,
+                    "livepatch: applying patch '{patch}' to loading module '{object}'"
+                )
+            }
+            Event::RefusingObject { patch, object } => write!(
+                f,
+                "livepatch: patch '{patch}' failed for module '{object}', refusing to load module '{object}'"
+            ),
+            Event::RevertingOnUnloadingObject { patch, object } => {
+                write!(
+                    f,
+                    "livepatch: reverting patch '{patch}' on unloading module '{object}'"
+                )
             }
             Event::NotCompatible { patch } => write!(
                 f,

@@ -35,12 +35,24 @@ fn cases() -> u32 {
         .unwrap_or(2000)
 }
 
-fn object_of(f: usize) -> (ObjectId, bool) {
+/// Objects: 0 = the executable (always loaded), 1 = libfoo (loaded at first), 2 = libbar (not at first);
+/// the libraries come and go (CB6/CB7).
+fn object_index(f: usize) -> usize {
     match f {
-        0..=2 => (ObjectId::from_build_id("e0e0").with_path("/bin/app"), true),
-        3 | 4 => (ObjectId::from_build_id("f00f").with_soname("libfoo.so.1"), true),
-        _ => (ObjectId::from_soname("libbar.so.2"), false), // never loaded
+        0..=2 => 0,
+        3 | 4 => 1,
+        _ => 2,
     }
+}
+fn object_id(o: usize) -> ObjectId {
+    match o {
+        0 => ObjectId::from_build_id("e0e0").with_path("/bin/app"),
+        1 => ObjectId::from_build_id("f00f").with_soname("libfoo.so.1"),
+        _ => ObjectId::from_soname("libbar.so.2"),
+    }
+}
+fn object_of(f: usize) -> (ObjectId, usize) {
+    (object_id(object_index(f)), object_index(f))
 }
 fn func_id(f: usize) -> FuncId {
     FuncId::new(object_of(f).0, &format!("f{f}"), u32::from(f % 2 == 1))
@@ -116,6 +128,11 @@ enum Op {
     Exit(usize),
     SetStack(usize, StackGen),
     Stub(usize),
+    /// Load (CB6) or unload (CB7) library 1 or 2; `fail` makes its pre_patch callbacks fail.
+    Object {
+        obj: usize,
+        fail: bool,
+    },
 }
 
 fn loc() -> impl Strategy<Value = Loc> {
@@ -163,13 +180,15 @@ fn op(force: bool) -> impl Strategy<Value = Op> {
         1 => (0..8usize).prop_map(Op::Exit),
         5 => ((0..8usize), stack_gen()).prop_map(|(t, s)| Op::SetStack(t, s)),
         1 => (0..NFUNCS).prop_map(Op::Stub),
+        2 => (1..3usize, prop::bool::weighted(0.2)).prop_map(|(obj, fail)| Op::Object { obj, fail }),
     ]
 }
 
-fn spec(p: usize, mask: u8, replace: bool, stacking: bool, callbacks: bool) -> PatchSpec {
+fn spec(p: usize, mask: u8, replace: bool, stacking: bool, callbacks: bool, objs: [bool; 3]) -> PatchSpec {
     let mut objects: Vec<ObjectSpec> = vec![];
     for f in (0..NFUNCS).filter(|f| mask & (1 << f) != 0) {
-        let (oid, loaded) = object_of(f);
+        let (oid, oi) = object_of(f);
+        let loaded = objs[oi];
         let fs = if loaded {
             FuncSpec::new(&format!("f{f}"), old_range(f), new_range(p, f)).sympos(if f % 3 == 0 {
                 1
@@ -177,7 +196,11 @@ fn spec(p: usize, mask: u8, replace: bool, stacking: bool, callbacks: bool) -> P
                 0
             })
         } else {
-            FuncSpec::unresolved(&format!("f{f}"))
+            // The patch library is loaded, so its new function is known; the old one is not (D2).
+            FuncSpec {
+                old: None,
+                ..FuncSpec::new(&format!("f{f}"), old_range(f), new_range(p, f))
+            }
         };
         match objects.iter_mut().find(|o| o.id == oid) {
             Some(o) => o.funcs.push(fs),
@@ -292,6 +315,7 @@ struct Run {
     /// (e): the state before the patching transition in progress, while it has been reversed.
     before_enable: Option<Snapshot>,
     reversed: bool,
+    objs: [bool; 3],
 }
 
 impl Run {
@@ -324,7 +348,7 @@ impl Run {
                 callbacks,
                 fail,
             } => {
-                let s = spec(*p, *mask, *replace, *stacking, *callbacks);
+                let s = spec(*p, *mask, *replace, *stacking, *callbacks, self.objs);
                 let snap = self.snapshot();
                 match self.sim.model.enable(s.clone()) {
                     Err(_) => prop_assert_eq!(&self.sim.model, &model_before, "refused without side effects"),
@@ -412,6 +436,34 @@ impl Run {
                 .model
                 .register_stub(&func_id(*f), stub_range(*f))
                 .unwrap(),
+            Op::Object { obj, fail } => {
+                let oid = object_id(*obj);
+                if self.objs[*obj] {
+                    self.sim.unload_object(&oid);
+                    self.objs[*obj] = false;
+                } else {
+                    let ranges: Vec<(FuncId, Range)> = (0..NFUNCS)
+                        .filter(|f| object_index(*f) == *obj)
+                        .map(|f| (func_id(f), old_range(f)))
+                        .collect();
+                    let name = oid.name();
+                    let fail = *fail;
+                    self.sim.hook = Box::new(move |patch, o, kind, _| {
+                        let bad = fail && kind == relive_core::CallbackKind::PrePatch && o.name() == name;
+                        (vec![demo_line(patch, o, kind)], if bad { -5 } else { 0 })
+                    });
+                    match self.sim.load_object(&oid, &ranges) {
+                        Ok(()) => self.objs[*obj] = true,
+                        Err(relive_core::Error::ObjectRefused { .. }) => prop_assert!(fail),
+                        Err(e) => prop_assert!(false, "loading {} failed: {}", oid, e),
+                    }
+                    self.sim.hook = demo_hook();
+                }
+                if was_in_transition {
+                    // (e) compares with the state before the enable; an object load or unload changes it.
+                    self.before_enable = None;
+                }
+            }
         }
         // Round trip through JSON, as the stateless controller does between commands.
         let json = serde_json::to_string(&self.sim.model).unwrap();
@@ -601,6 +653,7 @@ fn run_ops(initial_threads: Vec<StackGen>, ops: Vec<Op>) -> Result<(), TestCaseE
         forced: false,
         before_enable: None,
         reversed: false,
+        objs: [true, true, false],
     };
     for g in initial_threads {
         run.next_tid += 1;

@@ -57,6 +57,7 @@ fn serde_model_round_trips_through_json_mid_transition() {
     assert_eq!(
         keys,
         [
+            "coming",
             "format_version",
             "max_depth",
             "patches",

@@ -274,22 +274,200 @@ fn t_cb6_pre_patch_failure_cancels_the_enable() {
     assert!(sim.tls.values().all(|s| *s == PatchState::Idle));
 }
 
+const BUSY_OLD: Range = Range::new(0x5000, 0x5100);
+const MOD_OLD: Range = Range::new(0x6000, 0x6100);
+
+fn busymod_work_func() -> FuncId {
+    FuncId::new(module("test_klp_callbacks_busy"), "busymod_work_func", 0)
+}
+
+fn mod_work_func() -> FuncId {
+    FuncId::new(module("test_klp_callbacks_mod"), "callbacks_mod_work", 0)
+}
+
+/// The full `test_klp_callbacks_demo`: objects vmlinux, test_klp_callbacks_mod and test_klp_callbacks_busy,
+/// all with the four callbacks; the busy module's work function is replaced (and, here, one function of
+/// the mod module, so that late loading also pushes a func).
+fn demo3(mod_loaded: bool, busy_loaded: bool) -> PatchSpec {
+    let func = |loaded: bool, name: &str, old: Range, new: Range| {
+        if loaded {
+            FuncSpec::new(name, old, new)
+        } else {
+            FuncSpec {
+                old: None,
+                ..FuncSpec::new(name, old, new)
+            }
+        }
+    };
+    PatchSpec::new("test_klp_callbacks_demo")
+        .object(ObjectSpec::new(vmlinux()).callbacks(CallbackSet::ALL))
+        .object(
+            ObjectSpec::new(module("test_klp_callbacks_mod"))
+                .loaded(mod_loaded)
+                .callbacks(CallbackSet::ALL)
+                .func(func(
+                    mod_loaded,
+                    "callbacks_mod_work",
+                    MOD_OLD,
+                    Range::new(0x60_0000, 0x60_0100),
+                )),
+        )
+        .object(
+            ObjectSpec::new(module("test_klp_callbacks_busy"))
+                .loaded(busy_loaded)
+                .callbacks(CallbackSet::ALL)
+                .func(func(
+                    busy_loaded,
+                    "busymod_work_func",
+                    BUSY_OLD,
+                    Range::new(0x50_0000, 0x50_0100),
+                )),
+        )
+}
+
+#[test]
+fn t_cb2_module_coming_after_the_patch() {
+    let mut sim = sim_with_threads();
+    sim.load_and_settle(demo3(false, false));
+    sim.load_object(&module("test_klp_callbacks_mod"), &[(mod_work_func(), MOD_OLD)])
+        .unwrap();
+    // Late patching takes effect at once, with no transition (CB6).
+    assert_eq!(
+        sim.call(1, &mod_work_func()),
+        new_code("test_klp_callbacks_demo", Range::new(0x60_0000, 0x60_0100))
+    );
+    sim.disable_and_settle("test_klp_callbacks_demo");
+    sim.unload_object(&module("test_klp_callbacks_mod"));
+    assert_eq!(
+        sim.take_log(),
+        lines(&[
+            "livepatch: enabling patch 'test_klp_callbacks_demo'",
+            "livepatch: 'test_klp_callbacks_demo': initializing patching transition",
+            "test_klp_callbacks_demo: pre_patch_callback: vmlinux",
+            "livepatch: 'test_klp_callbacks_demo': starting patching transition",
+            "livepatch: 'test_klp_callbacks_demo': completing patching transition",
+            "test_klp_callbacks_demo: post_patch_callback: vmlinux",
+            "livepatch: 'test_klp_callbacks_demo': patching complete",
+            "livepatch: applying patch 'test_klp_callbacks_demo' to loading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: pre_patch_callback: test_klp_callbacks_mod -> [MODULE_STATE_COMING] Full formed, running module_init",
+            "test_klp_callbacks_demo: post_patch_callback: test_klp_callbacks_mod -> [MODULE_STATE_COMING] Full formed, running module_init",
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_init",
+            "livepatch: 'test_klp_callbacks_demo': initializing unpatching transition",
+            "test_klp_callbacks_demo: pre_unpatch_callback: vmlinux",
+            "test_klp_callbacks_demo: pre_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_LIVE] Normal state",
+            "livepatch: 'test_klp_callbacks_demo': starting unpatching transition",
+            "livepatch: 'test_klp_callbacks_demo': completing unpatching transition",
+            "test_klp_callbacks_demo: post_unpatch_callback: vmlinux",
+            "test_klp_callbacks_demo: post_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_LIVE] Normal state",
+            "livepatch: 'test_klp_callbacks_demo': unpatching complete",
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_exit",
+        ])
+    );
+    assert!(sim.entries.is_empty());
+}
+
+#[test]
+fn t_cb3_module_going_then_disable_covers_vmlinux_only() {
+    let mut sim = sim_with_threads();
+    sim.load_and_settle(demo3(true, false));
+    sim.take_log();
+    sim.unload_object(&module("test_klp_callbacks_mod"));
+    assert_eq!(sim.call(1, &mod_work_func()), Code::Original, "unlinked at once");
+    sim.disable_and_settle("test_klp_callbacks_demo");
+    assert_eq!(
+        sim.take_log(),
+        lines(&[
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_exit",
+            "test_klp_callbacks_demo: pre_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_GOING] Going away",
+            "livepatch: reverting patch 'test_klp_callbacks_demo' on unloading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: post_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_GOING] Going away",
+            "livepatch: 'test_klp_callbacks_demo': initializing unpatching transition",
+            "test_klp_callbacks_demo: pre_unpatch_callback: vmlinux",
+            "livepatch: 'test_klp_callbacks_demo': starting unpatching transition",
+            "livepatch: 'test_klp_callbacks_demo': completing unpatching transition",
+            "test_klp_callbacks_demo: post_unpatch_callback: vmlinux",
+            "livepatch: 'test_klp_callbacks_demo': unpatching complete",
+        ])
+    );
+}
+
+#[test]
+fn t_cb4_module_coming_and_going() {
+    let mut sim = sim_with_threads();
+    sim.load_and_settle(demo3(false, false));
+    sim.take_log();
+    sim.load_object(&module("test_klp_callbacks_mod"), &[(mod_work_func(), MOD_OLD)])
+        .unwrap();
+    sim.unload_object(&module("test_klp_callbacks_mod"));
+    assert_eq!(
+        sim.take_log(),
+        lines(&[
+            "livepatch: applying patch 'test_klp_callbacks_demo' to loading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: pre_patch_callback: test_klp_callbacks_mod -> [MODULE_STATE_COMING] Full formed, running module_init",
+            "test_klp_callbacks_demo: post_patch_callback: test_klp_callbacks_mod -> [MODULE_STATE_COMING] Full formed, running module_init",
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_init",
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_exit",
+            "test_klp_callbacks_demo: pre_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_GOING] Going away",
+            "livepatch: reverting patch 'test_klp_callbacks_demo' on unloading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: post_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_GOING] Going away",
+        ])
+    );
+    // Reloading works (the old ranges were forgotten, CB7.4 [6.3]).
+    sim.load_object(&module("test_klp_callbacks_mod"), &[(mod_work_func(), MOD_OLD)])
+        .unwrap();
+    assert!(matches!(sim.call(1, &mod_work_func()), Code::New { .. }));
+}
+
+#[test]
+fn t_cb7_pre_patch_failure_refuses_the_loading_module() {
+    let mut sim = sim_with_threads();
+    sim.hook = Box::new(|patch, obj, kind, _| {
+        let ret = if kind == CallbackKind::PrePatch && obj.name() == "test_klp_callbacks_mod" {
+            -19
+        } else {
+            0
+        };
+        (vec![demo_line(patch, obj, kind)], ret)
+    });
+    sim.load_and_settle(demo3(false, false));
+    sim.take_log();
+    let e = sim
+        .load_object(&module("test_klp_callbacks_mod"), &[(mod_work_func(), MOD_OLD)])
+        .unwrap_err();
+    assert!(matches!(&e, Error::ObjectRefused { code: -19, .. }), "{e:?}");
+    assert!(e.to_string().contains("test_klp_callbacks_mod") && e.to_string().contains("dlopen"));
+    assert!(
+        sim.entries.is_empty(),
+        "nothing of the refused module was patched"
+    );
+    sim.disable_and_settle("test_klp_callbacks_demo");
+    assert_eq!(
+        sim.take_log(),
+        lines(&[
+            "livepatch: applying patch 'test_klp_callbacks_demo' to loading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: pre_patch_callback: test_klp_callbacks_mod -> [MODULE_STATE_COMING] Full formed, running module_init",
+            "livepatch: pre-patch callback failed for object 'test_klp_callbacks_mod'",
+            "livepatch: patch 'test_klp_callbacks_demo' failed for module 'test_klp_callbacks_mod', refusing to load module 'test_klp_callbacks_mod'",
+            "livepatch: 'test_klp_callbacks_demo': initializing unpatching transition",
+            "test_klp_callbacks_demo: pre_unpatch_callback: vmlinux",
+            "livepatch: 'test_klp_callbacks_demo': starting unpatching transition",
+            "livepatch: 'test_klp_callbacks_demo': completing unpatching transition",
+            "test_klp_callbacks_demo: post_unpatch_callback: vmlinux",
+            "livepatch: 'test_klp_callbacks_demo': unpatching complete",
+        ])
+    );
+}
+
 #[test]
 fn t_cb9_busy_target_stalls_then_reverses() {
-    let busy_old = Range::new(0x5000, 0x5100);
     let mut sim = Sim::new();
     // busymod_work_func sleeps: its worker thread has it on the stack.
     sim.spawn(1, ThreadStack::reliable(vec![OTHER, ROOT]));
     sim.spawn(
         7,
-        ThreadStack::reliable(vec![0xa000, busy_old.start + 0x20, ROOT]),
+        ThreadStack::reliable(vec![0xa000, BUSY_OLD.start + 0x20, ROOT]),
     );
-    sim.load(callbacks_demo(
-        "test_klp_callbacks_demo",
-        "test_klp_callbacks_busy",
-        true,
-    ))
-    .unwrap();
+    sim.load(demo3(false, true)).unwrap();
     for _ in 0..3 {
         assert!(!sim.settle(), "the transition stalls on the sleeping function");
     }
@@ -300,15 +478,28 @@ fn t_cb9_busy_target_stalls_then_reverses() {
             address,
             code,
         } => {
-            assert_eq!(function.name, "busymod_work_func");
+            assert_eq!(*function, busymod_work_func());
             assert_eq!(
                 (*frame, *address, code),
-                (1, busy_old.start + 0x20, &Code::Original)
+                (1, BUSY_OLD.start + 0x20, &Code::Original)
             );
         }
         other => panic!("thread 7 should be blocked, got {other:?}"),
     }
     assert_eq!(sim.model.pending(), [Tid(7)]);
+    // During the stall: loading a target runs pre_patch only; unloading it runs post_unpatch only.
+    sim.load_object(&module("test_klp_callbacks_mod"), &[(mod_work_func(), MOD_OLD)])
+        .unwrap();
+    assert_eq!(
+        sim.call(1, &mod_work_func()),
+        new_code("test_klp_callbacks_demo", Range::new(0x60_0000, 0x60_0100))
+    );
+    assert_eq!(
+        sim.call(7, &mod_work_func()),
+        Code::Original,
+        "each thread in its own universe"
+    );
+    sim.unload_object(&module("test_klp_callbacks_mod"));
     // Disable = reverse (L6); the worker never left UNPATCHED, so the unpatching transition completes.
     sim.disable("test_klp_callbacks_demo").unwrap();
     assert!(sim.settle());
@@ -320,6 +511,12 @@ fn t_cb9_busy_target_stalls_then_reverses() {
             "test_klp_callbacks_demo: pre_patch_callback: vmlinux",
             "test_klp_callbacks_demo: pre_patch_callback: test_klp_callbacks_busy -> [MODULE_STATE_LIVE] Normal state",
             "livepatch: 'test_klp_callbacks_demo': starting patching transition",
+            "livepatch: applying patch 'test_klp_callbacks_demo' to loading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: pre_patch_callback: test_klp_callbacks_mod -> [MODULE_STATE_COMING] Full formed, running module_init",
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_init",
+            "test_klp_callbacks_mod: test_klp_callbacks_mod_exit",
+            "livepatch: reverting patch 'test_klp_callbacks_demo' on unloading module 'test_klp_callbacks_mod'",
+            "test_klp_callbacks_demo: post_unpatch_callback: test_klp_callbacks_mod -> [MODULE_STATE_GOING] Going away",
             "livepatch: 'test_klp_callbacks_demo': reversing transition from patching to unpatching",
             "livepatch: 'test_klp_callbacks_demo': starting unpatching transition",
             "livepatch: 'test_klp_callbacks_demo': completing unpatching transition",

@@ -43,12 +43,30 @@ pub fn demo_hook() -> Hook {
     Box::new(|patch, obj, kind, _prev| (vec![demo_line(patch, obj, kind)], 0))
 }
 
+thread_local! {
+    /// The module state the selftest modules print, per object being loaded or unloaded (default: live).
+    static MODULE_STATE: std::cell::RefCell<BTreeMap<String, &'static str>> =
+        const { std::cell::RefCell::new(BTreeMap::new()) };
+}
+
+pub const COMING: &str = "[MODULE_STATE_COMING] Full formed, running module_init";
+pub const LIVE: &str = "[MODULE_STATE_LIVE] Normal state";
+pub const GOING: &str = "[MODULE_STATE_GOING] Going away";
+
+fn set_module_state(name: &str, state: Option<&'static str>) {
+    MODULE_STATE.with(|m| match state {
+        Some(st) => m.borrow_mut().insert(name.to_owned(), st),
+        None => m.borrow_mut().remove(name),
+    });
+}
+
 pub fn demo_line(patch: &str, obj: &ObjectId, kind: CallbackKind) -> String {
     let name = obj_name(obj);
+    let state = MODULE_STATE.with(|m| m.borrow().get(&name).copied().unwrap_or(LIVE));
     let suffix = if name == "vmlinux" {
         String::new()
     } else {
-        " -> [MODULE_STATE_LIVE] Normal state".to_owned()
+        format!(" -> {state}")
     };
     format!("{patch}: {kind}_callback: {name}{suffix}")
 }
@@ -183,6 +201,34 @@ impl Sim {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// CB6: the target loads `object` (a `dlopen`); the module's own init line follows a successful load.
+    pub fn load_object(&mut self, object: &ObjectId, old_ranges: &[(FuncId, Range)]) -> Result<(), Error> {
+        let name = object.name();
+        set_module_state(&name, Some(COMING));
+        let out = self.model.object_coming(object, old_ranges)?;
+        let results = self.run(&out);
+        let out = self.model.object_coming_done(&results)?;
+        self.run(&out);
+        set_module_state(&name, None);
+        match out.error {
+            Some(e) => Err(e),
+            None => {
+                self.log.push(format!("{name}: {name}_init"));
+                Ok(())
+            }
+        }
+    }
+
+    /// CB7: the target unloads `object`: its exit runs first, then the going hook.
+    pub fn unload_object(&mut self, object: &ObjectId) {
+        let name = object.name();
+        self.log.push(format!("{name}: {name}_exit"));
+        set_module_state(&name, Some(GOING));
+        let out = self.model.object_going(object).unwrap();
+        self.run(&out);
+        set_module_state(&name, None);
     }
 
     /// C4: try to switch every pending thread with its current stack, then try to complete.
