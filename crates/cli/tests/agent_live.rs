@@ -209,9 +209,10 @@ fn serial_t_d4_6_inject_rust_target() {
     for _ in 0..2 {
         let l = line_with(&t, "simd-sleep", Duration::from_secs(6));
         let el: f64 = field(&l, "elapsed").parse().unwrap();
-        // Upper bound: wake-up latency on a loaded 2-CPU CI machine; a re-issued sleep is ≥ 2900.
+        // Upper bound: wake-up latency on a loaded 2-CPU CI machine (400 ms seen at load 10); a
+        // re-issued sleep (hijacked ≥ 1 s into it) would be ≥ 3000.
         assert!(
-            (1995.0..2400.0).contains(&el),
+            (1995.0..2900.0).contains(&el),
             "{l}; injection: {}",
             v["injected"]
         );
@@ -221,8 +222,8 @@ fn serial_t_d4_6_inject_rust_target() {
     assert_eq!(tracer_pid(pid), 0);
 }
 
-/// DESIGN §1, §4.6: the controller is SIGKILLed at random points during injection (50 trials,
-/// plus deterministic kills inside the remote call: frame written, call returned, rewound). The
+/// DESIGN §1, §4.6: the controller is SIGKILLed at random points during injection (50 random
+/// trials, plus 12 deterministic kills inside the remote call: frame written, call returned, rewound). The
 /// target keeps running every time, nobody traces it afterwards, and the next `relive status` works.
 #[test]
 fn serial_t_d4_6_controller_sigkill_during_injection_50_trials() {
@@ -235,7 +236,20 @@ fn serial_t_d4_6_controller_sigkill_during_injection_50_trials() {
     let patch = c_patch();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
     let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
-    for trial in 0..56 {
+    // How long an uninterrupted `relive load` (with injection) takes here: random kills are spread
+    // uniformly over that window, so they land in every phase (image reading, hijack, call, restore).
+    let window = {
+        let t = spawn(Command::new(&exe));
+        let start = Instant::now();
+        let st = Command::new(&relive_bin)
+            .args(["load", &t.pid().to_string()])
+            .arg(&patch)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        start.elapsed()
+    };
+    for trial in 0..62 {
         let mut t = spawn(Command::new(&exe));
         let pid = t.pid();
         let mut c = Command::new(&relive_bin);
@@ -243,7 +257,7 @@ fn serial_t_d4_6_controller_sigkill_during_injection_50_trials() {
             .arg(&patch)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let how = if trial < 6 {
+        let how = if trial < 12 {
             let point = trial % 3 + 1;
             c.env("RELIVE_DEBUG_INJECT_KILL", point.to_string());
             format!("self-kill at point {point}")
@@ -255,7 +269,7 @@ fn serial_t_d4_6_controller_sigkill_during_injection_50_trials() {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let delay = Duration::from_micros(seed % 12_000);
+            let delay = Duration::from_micros(seed % (window.as_micros() as u64 + 1));
             std::thread::sleep(delay);
             let _ = child.kill();
             format!("SIGKILL after {delay:?}")
@@ -290,7 +304,7 @@ fn serial_t_d4_6_controller_sigkill_during_injection_50_trials() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    eprintln!("controller outcomes over 56 trials: {outcomes:?}");
+    eprintln!("controller outcomes over 62 trials (uninterrupted load: {window:?}): {outcomes:?}");
 }
 
 /// DESIGN §4.8: the registry is read while another thread rewrites its body constantly; every read

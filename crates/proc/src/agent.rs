@@ -237,6 +237,19 @@ fn looks_like_agent(path: &str) -> bool {
 
 /// Finds the agent in `pid` without stopping anything (module map + `.dynsym` lookup).
 pub fn find_agent(pid: i32) -> Result<AgentLocation> {
+    // /proc/PID/maps is read in chunks and may skip a line while the target changes its mappings
+    // (malloc's mmap/munmap): a miss is confirmed by two more reads.
+    let mut last = Err(AgentError::NotLoaded { pid });
+    for _ in 0..3 {
+        last = find_agent_once(pid);
+        if !matches!(last, Err(AgentError::NotLoaded { .. })) {
+            break;
+        }
+    }
+    last
+}
+
+fn find_agent_once(pid: i32) -> Result<AgentLocation> {
     let maps = read_maps(pid)?;
     let mut seen = Vec::new();
     for m in &maps {

@@ -121,11 +121,16 @@ pub struct InjectReport {
     pub attempts: u32,
     /// Wall time of the whole injection.
     pub elapsed: Duration,
-    /// Wall time of the remote call (seize to release).
+    /// Wall time of the remote call itself (registers set → thread released).
     pub call: Duration,
+    /// How long the hijacked thread was stopped in all (seize → release: checks, unwinding, call).
+    pub stopped: Duration,
     /// True if the restart-block guard fired: the thread returned through its signal frame and its
     /// interrupted system call was re-issued from the start (REMOTE-CALL.md guard).
     pub via_frame: bool,
+    /// Whether the thread was chosen by unwinding its stack (false: system-call whitelist only,
+    /// because the process image could not be read).
+    pub unwound: bool,
 }
 
 // ---- ptrace plumbing ----------------------------------------------------------------------------
@@ -377,7 +382,12 @@ enum Attempt {
     /// The thread was not at a safe point; it was released untouched.
     Refused(String),
     /// The call ran.
-    Done { via_frame: bool, syscall: String },
+    Done {
+        via_frame: bool,
+        syscall: String,
+        call: Duration,
+        stopped: Duration,
+    },
 }
 
 /// System calls at which a thread may be hijacked: blocking waits that hold no libc lock when
@@ -496,7 +506,9 @@ fn try_call(
     data: &[u8],
     call_timeout: Duration,
     debug_kill_point: Option<u32>,
+    mut unwind: Option<(&crate::image::ProcessImage, &mut relive_unwind::Unwinder)>,
 ) -> Result<Attempt> {
+    let stopped_at = Instant::now();
     let mut th = Seized::seize(pid, tid)?;
     // Step 1: save the state.
     let saved = get_regs(pid, tid)?;
@@ -532,6 +544,13 @@ fn try_call(
             saved.rsp
         )));
     };
+    // DESIGN §4.6: the unwound stack must be reliable and hold no allocator, loader, stdio or fork
+    // frame (a thread blocked inside one of those may hold the lock dlopen needs).
+    if let Some((image, unwinder)) = unwind.as_mut()
+        && let Some(why) = unsafe_frames(image, unwinder, pid, &saved)
+    {
+        return Ok(Attempt::Refused(format!("{tid}: in {sys_name}, {why}")));
+    }
     let xs = xstate::get_xstate(tid).map_err(|source| InjectError::Ptrace {
         pid,
         tid,
@@ -597,6 +616,7 @@ fn try_call(
     (call.rdi, call.rsi, call.rdx, call.rcx, call.r8, call.r9) = (a[0], a[1], a[2], a[3], a[4], a[5]);
     call.rax = 0;
     call.orig_rax = u64::MAX;
+    let call_at = Instant::now();
     set_regs(pid, tid, &call)?;
 
     // Step 4: run until the rt_sigreturn entry from the trampoline.
@@ -644,6 +664,8 @@ fn try_call(
         return Ok(Attempt::Done {
             via_frame: true,
             syscall: sys_name.into(),
+            call: call_at.elapsed(),
+            stopped: stopped_at.elapsed(),
         });
     }
     // Step 6: skip this rt_sigreturn and leave the thread about to run it again.
@@ -684,6 +706,8 @@ fn try_call(
             return Ok(Attempt::Done {
                 via_frame: true,
                 syscall: sys_name.into(),
+                call: call_at.elapsed(),
+                stopped: stopped_at.elapsed(),
             });
         }
     }
@@ -704,7 +728,112 @@ fn try_call(
     Ok(Attempt::Done {
         via_frame: false,
         syscall: sys_name.into(),
+        call: call_at.elapsed(),
+        stopped: stopped_at.elapsed(),
     })
+}
+
+/// Functions a hijacked thread must not be inside: the allocator, the dynamic loader, stdio, fork
+/// and exit paths (each may hold a lock that dlopen or the agent's constructor takes).
+fn unsafe_function(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "malloc",
+        "free",
+        "calloc",
+        "realloc",
+        "cfree",
+        "valloc",
+        "pvalloc",
+        "memalign",
+        "posix_memalign",
+        "aligned_alloc",
+        "malloc_trim",
+        "mallinfo",
+        "mallinfo2",
+        "fork",
+        "_Fork",
+        "vfork",
+        "exit",
+        "_exit",
+        "abort",
+        "pthread_create",
+        "pthread_join",
+        "printf",
+        "fprintf",
+        "vfprintf",
+        "dprintf",
+        "puts",
+        "fputs",
+        "fwrite",
+        "fflush",
+        "fopen",
+        "fclose",
+        "backtrace",
+        "getaddrinfo",
+        "setlocale",
+        "atexit",
+        "__cxa_atexit",
+        "__cxa_finalize",
+    ];
+    const PREFIXES: &[&str] = &[
+        "_dl_",
+        "__dl",
+        "dl",
+        "_IO_",
+        "__libc_malloc",
+        "__libc_free",
+        "__libc_calloc",
+        "__libc_realloc",
+        "__libc_memalign",
+        "_int_",
+        "__malloc",
+        "__run_exit_handlers",
+        "__libc_fork",
+        "__GI__IO",
+        "__libc_dl",
+        "__rust_alloc",
+        "__rust_dealloc",
+        "__rust_realloc",
+        "__rdl_",
+        "__rg_",
+    ];
+    // A thread blocked reading a FILE (fgets, getline, fread on stdin) holds only that FILE's lock,
+    // which neither dlopen nor the agent takes: allowed.
+    let stdio_input = ["read", "underflow", "uflow", "getline"]
+        .iter()
+        .any(|w| name.contains(w))
+        && (name.starts_with("_IO_") || name.starts_with("__GI__IO") || name.starts_with("__uflow"));
+    !stdio_input && (EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p)))
+}
+
+/// Unwinds the stopped thread; returns why it is not a safe place, or `None` if it is.
+fn unsafe_frames(
+    image: &crate::image::ProcessImage,
+    unwinder: &mut relive_unwind::Unwinder,
+    pid: i32,
+    regs: &libc::user_regs_struct,
+) -> Option<String> {
+    let mut reader = crate::mem::PageCacheReader::new(pid);
+    let start = relive_unwind::StartRegs {
+        ip: regs.rip,
+        sp: regs.rsp,
+        bp: regs.rbp,
+    };
+    let stack = unwinder.unwind(start, &mut reader, relive_unwind::DEFAULT_MAX_DEPTH);
+    if let relive_unwind::Verdict::Unreliable(why) = &stack.verdict {
+        return Some(format!("stack not reliable ({why})"));
+    }
+    for f in &stack.frames {
+        let sym = image.symbolize(relive_elf::Avma(f.lookup_pc()));
+        if let Some(name) = sym.function.as_deref()
+            && unsafe_function(name)
+        {
+            return Some(format!(
+                "inside {name} (allocator, loader, stdio or fork: may hold a lock)"
+            ));
+        }
+    }
+    None
 }
 
 fn is_libc(path: &str) -> bool {
@@ -723,13 +852,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Injects the shared library at `path` into `pid` with one remote `dlopen(path, RTLD_NOW)` on a
 /// thread blocked in a safe system call, retrying with backoff until `opts.timeout`.
 ///
-/// Thread choice: until relive-unwind lands, a thread is hijacked only if, once stopped, it is
-/// inside a whitelisted blocking system call ([`safe_syscall`]) entered from glibc, with room on its
-/// stack; running threads and threads in any other system call (mmap/brk/munmap inside malloc, …)
-/// are refused. `RELIVE_DEBUG_INJECT_KILL=N` kills the controller at point N (tests only).
+/// Thread choice: a thread is hijacked only if, once stopped, it is inside a whitelisted blocking
+/// system call ([`safe_syscall`]) entered from file-backed code, with room on its stack, and its
+/// stack unwinds reliably (relive-unwind) with no allocator, loader, stdio or fork frame
+/// ([`unsafe_function`]); running threads and threads in any other system call (mmap/brk inside
+/// malloc, …) are refused. `RELIVE_DEBUG_INJECT_KILL=N` kills the controller at point N (tests only).
 pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<InjectReport> {
     let start = Instant::now();
     let path_str = path.to_string_lossy().into_owned();
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(AgentError::NoProcess { pid }.into());
+    }
     if !same_file(
         path,
         &Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path)),
@@ -758,6 +891,10 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
     let kill_point = std::env::var("RELIVE_DEBUG_INJECT_KILL")
         .ok()
         .and_then(|v| v.parse().ok());
+    // Thread choice by unwinding (DESIGN §4.6). If the process image cannot be read (e.g. a deleted
+    // object without CAP_SYS_ADMIN), fall back to the system-call whitelist alone.
+    let image = crate::image::ProcessImage::load(pid, &crate::image::ImageOptions::default()).ok();
+    let mut unwinder = image.as_ref().map(|i| i.unwinder());
 
     let mut attempts = 0u32;
     let mut backoff = Duration::from_millis(2);
@@ -781,7 +918,7 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
         for (_, tid, desc) in &cands {
             attempts += 1;
             progress(&format!("hijacking thread {desc}"));
-            let call_start = Instant::now();
+            let unwind = image.as_ref().zip(unwinder.as_mut());
             match try_call(
                 pid,
                 *tid,
@@ -792,14 +929,30 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
                 &data,
                 opts.call_timeout,
                 kill_point,
+                unwind,
             ) {
-                Ok(Attempt::Done { via_frame, syscall }) => {
-                    let call = call_start.elapsed();
-                    let now_maps = read_maps(pid)?;
-                    if !now_maps.iter().any(|m| {
-                        same_file(Path::new(&format!("/proc/{pid}/root{}", m.path)), path)
-                            || m.path == path_str
-                    }) {
+                Ok(Attempt::Done {
+                    via_frame,
+                    syscall,
+                    call,
+                    stopped,
+                }) => {
+                    // /proc/PID/maps is read in chunks and may skip a line while the target maps
+                    // and unmaps memory concurrently (malloc): look a few times before concluding.
+                    let mut mapped = false;
+                    for _ in 0..5 {
+                        mapped = read_maps(pid)?.iter().any(|m| {
+                            // (deleted): the file was replaced on disk after it was first loaded;
+                            // dlopen matched it by name and bumped its reference count.
+                            m.path.strip_suffix(" (deleted)").unwrap_or(&m.path) == path_str
+                                || same_file(Path::new(&format!("/proc/{pid}/root{}", m.path)), path)
+                        });
+                        if mapped {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    if !mapped {
                         return Err(InjectError::DlopenFailed {
                             pid,
                             tid: *tid,
@@ -812,7 +965,9 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
                         attempts,
                         elapsed: start.elapsed(),
                         call,
+                        stopped,
                         via_frame,
+                        unwound: image.is_some(),
                     });
                 }
                 Ok(Attempt::Refused(why)) => {
@@ -843,6 +998,33 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn t_d4_6_unsafe_functions() {
+        for f in [
+            "malloc",
+            "_int_malloc",
+            "_dl_open",
+            "dlopen",
+            "_IO_fwrite",
+            "fork",
+            "__rust_alloc",
+            "fflush",
+        ] {
+            assert!(unsafe_function(f), "{f}");
+        }
+        for f in [
+            "nanosleep",
+            "read",
+            "main",
+            "_IO_getline_info",
+            "_IO_file_underflow",
+            "fgets",
+            "pthread_cond_wait",
+        ] {
+            assert!(!unsafe_function(f), "{f}");
+        }
+    }
 
     #[test]
     fn t_frame_layout_matches_kernel_sigcontext() {
