@@ -205,3 +205,24 @@ fn serial_t_issue5_7_failing_pre_patch_leaves_nothing_cb5() {
     let st = t.wait_workers(1);
     assert_eq!(num(&st, "mix"), 0);
 }
+
+/// DESIGN §3 step 5: a target without the agent gets it injected by `apply` (one remote dlopen, §4.6).
+#[test]
+fn serial_t_issue5_apply_injects_the_agent_when_absent() {
+    let exe = relive_testkit::compile_c("transition_oracle", &["transition_oracle.c"], TARGET_FLAGS);
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--duty", "200"]).stdin(std::process::Stdio::piped());
+    let child =
+        relive_testkit::spawn_guarded(cmd, "oracle ready", std::time::Duration::from_secs(20)).unwrap();
+    let mut t = Target { child, seen: vec![] };
+    let pid = t.pid().to_string();
+    assert!(!t.maps().contains("relive_agent"));
+    let a = patch("inj", &["VERSION=2"]);
+    let o = ok(&["--json", "apply", &pid, a.to_str().unwrap()]);
+    assert_eq!(json(&o)["agent_injected"], true);
+    let s = t.wait_workers(2);
+    assert_eq!(num(&s, "mix"), 0);
+    ok(&["disable", &pid, "inj"]);
+    let s = t.wait_workers(1);
+    assert_eq!(num(&s, "mix"), 0);
+}

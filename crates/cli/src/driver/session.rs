@@ -103,7 +103,20 @@ impl Session {
         };
         s.doc.model.set_max_depth(opts.max_depth);
         s.register_stub_ranges();
+        s.warm_unwinder();
         Ok(s)
+    }
+
+    /// Makes the unwinder parse every module's unwind tables now, while everything runs, rather than inside
+    /// the first stop-all window.
+    pub fn warm_unwinder(&mut self) {
+        let mut none = |_: u64| -> Option<u64> { None };
+        for m in &self.image.modules {
+            if let Some(r) = m.image.exec_avma_range(m.bias) {
+                let ip = r.start.0 + 16;
+                let _ = self.unwinder.unwind(relive_unwind::StartRegs { ip, sp: 8, bp: 0 }, &mut none, 2);
+            }
+        }
     }
 
     /// Registers every stub page and thunk page with the unwinder (DESIGN §4.5: code without CFI).
@@ -128,6 +141,7 @@ impl Session {
             .map_err(|e| proc_err(self.pid, "cannot map modules", e))?;
         self.unwinder = self.image.unwinder();
         self.register_stub_ranges();
+        self.warm_unwinder();
         Ok(())
     }
 
