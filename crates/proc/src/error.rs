@@ -65,6 +65,10 @@ impl ProcError {
     pub fn from_os(pid: i32, tid: Option<i32>, op: &'static str, source: io::Error) -> ProcError {
         match source.raw_os_error() {
             Some(libc::ESRCH) => ProcError::TargetDied { pid, tid, during: op },
+            // ptrace refuses (EPERM) to attach to an exiting task: that is a death, not a right.
+            Some(libc::EPERM) | Some(libc::EACCES) if is_dead_or_dying(pid, tid) => {
+                ProcError::TargetDied { pid, tid, during: op }
+            }
             Some(libc::EPERM) | Some(libc::EACCES) => ProcError::Permission {
                 pid,
                 tid,
@@ -95,19 +99,42 @@ impl ProcError {
     }
 }
 
-/// Whether the process, or thread `tid` of it, is gone, a zombie, or dead.
+/// Whether the process, or thread `tid` of it, is gone, a zombie, dead, or has SIGKILL pending
+/// (being killed). ptrace answers EPERM, not ESRCH, for a task in that state. A task that is
+/// still being torn down is given up to 50 ms to show it.
 pub fn is_dead_or_dying(pid: i32, tid: Option<i32>) -> bool {
-    let state = |path: String| {
-        std::fs::read(path)
+    for _ in 0..5 {
+        if dying_now(pid, tid) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+fn dying_now(pid: i32, tid: Option<i32>) -> bool {
+    let dir = |t: Option<i32>| match t {
+        Some(t) => format!("/proc/{pid}/task/{t}"),
+        None => format!("/proc/{pid}"),
+    };
+    let gone = |d: &str| {
+        let state = std::fs::read(format!("{d}/stat"))
             .ok()
             .and_then(|b| crate::threads::parse_stat(&b))
-            .map(|s| s.state)
+            .map(|s| s.state);
+        if matches!(state, None | Some('Z') | Some('X') | Some('x')) {
+            return true;
+        }
+        // SIGKILL (bit 9) pending for the thread or the process: it is being killed.
+        std::fs::read_to_string(format!("{d}/status")).is_ok_and(|st| {
+            st.lines().any(|l| {
+                (l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+                    && u64::from_str_radix(l[7..].trim(), 16)
+                        .is_ok_and(|m| m & (1 << (libc::SIGKILL - 1)) != 0)
+            })
+        })
     };
-    let gone = |s: Option<char>| matches!(s, None | Some('Z') | Some('X') | Some('x'));
-    if gone(state(format!("/proc/{pid}/stat"))) {
-        return true;
-    }
-    tid.is_some_and(|t| gone(state(format!("/proc/{pid}/task/{t}/stat"))))
+    gone(&dir(None)) || tid.is_some_and(|t| gone(&dir(Some(t))))
 }
 
 /// Whether `/proc/PID` exists (a zombie still does).

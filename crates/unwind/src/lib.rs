@@ -112,6 +112,16 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Whether any frame's PC (return addresses looked up at `pc - 1`) lies in one of `ranges`
+    /// (AVMA ranges of functions): the C5 "is this function on the stack?" check. Stub frames
+    /// count through their labels ([`Stack::stub_labels`]), not through ranges.
+    pub fn active_in(&self, ranges: &[Range<u64>]) -> bool {
+        self.frames.iter().any(|f| {
+            let pc = f.lookup_pc();
+            ranges.iter().any(|r| r.contains(&pc))
+        })
+    }
+
     /// Labels of the registered code ranges (stubs) found on the stack.
     pub fn stub_labels(&self) -> impl Iterator<Item = &str> {
         self.frames.iter().filter_map(|f| match &f.kind {
@@ -195,11 +205,19 @@ fn section_bytes(data: &Arc<Vec<u8>>, s: &relive_elf::SectionRange) -> Option<By
 }
 
 fn find_all(hay: &[u8], needle: &[u8]) -> Vec<usize> {
-    hay.windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle)
-        .map(|(i, _)| i)
-        .collect()
+    let Some((&first, rest)) = needle.split_first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(p) = hay.get(i..).and_then(|h| h.iter().position(|&b| b == first)) {
+        let at = i + p;
+        if hay.get(at + 1..at + needle.len()) == Some(rest) {
+            out.push(at);
+        }
+        i = at + 1;
+    }
+    out
 }
 
 impl Unwinder {
