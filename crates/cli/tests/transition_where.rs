@@ -48,7 +48,11 @@ fn serial_t_issue5_6_function_in_a_shared_library() {
         &["transition_fg.c"],
         &["-O2", "-g", "-fPIC", "-shared"],
     );
-    let flags = [TARGET_FLAGS, &["-DFG_IN_LIB", "-Wl,--no-as-needed", lib.to_str().unwrap()]].concat();
+    let flags = [
+        TARGET_FLAGS,
+        &["-DFG_IN_LIB", "-Wl,--no-as-needed", lib.to_str().unwrap()],
+    ]
+    .concat();
     let mut t = oracle_with(&flags, &["--duty", "200"]);
     let pid = t.pid().to_string();
     let soname = lib.file_name().unwrap().to_str().unwrap().to_string();
@@ -152,4 +156,37 @@ fn serial_t_issue5_9_threads_come_and_go() {
         }
         assert!(Instant::now() < deadline, "the churner did not finish: {s:?}");
     }
+}
+
+/// Issue 5 tests run on a Rust target too: the Rust oracle (tests/targets/transition_oracle.rs, built with
+/// rustc at test time), patched by the same C patches, 10 apply/disable cycles with zero mix.
+#[test]
+fn serial_t_issue5_1_rust_target_oracle() {
+    use std::hash::{Hash, Hasher};
+    let src = relive_testkit::targets_dir().join("transition_oracle.rs");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(&src).unwrap().hash(&mut h);
+    let exe = relive_testkit::fixtures_out().join(format!("transition_oracle_rs-{:016x}", h.finish()));
+    if !exe.exists() {
+        let tmp = exe.with_extension(format!("tmp{}", std::process::id()));
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+        let st = Command::new(rustc)
+            .args(["--edition", "2024", "-O", "-g", "-C", "link-args=-rdynamic", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("run rustc");
+        assert!(st.success(), "rustc failed on {}", src.display());
+        std::fs::rename(&tmp, &exe).unwrap();
+    }
+    let mut cmd = Command::new(&exe);
+    cmd.env("LD_PRELOAD", agent()).stdin(Stdio::piped());
+    let child = relive_testkit::spawn_guarded(cmd, "oracle ready", Duration::from_secs(20)).unwrap();
+    let mut t = Target { child, seen: vec![] };
+    let pid = t.pid().to_string();
+    let p = patch("rs", &["VERSION=2"]);
+    for _ in 0..10 {
+        cycle(&mut t, &pid, p.to_str().unwrap(), "rs");
+    }
+    assert!(t.alive());
 }
