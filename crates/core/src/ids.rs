@@ -182,7 +182,7 @@ impl fmt::Display for ObjectId {
 }
 
 /// D6 + D7: the identity of a patched function across patches: (object identity, old name, sympos), with
-/// sympos 0 and 1 treated as the same function ([6.19], [relive] D6).
+/// sympos 0 and 1 treated as the same function (\[6.19\], \[relive\] D6).
 ///
 /// sympos 0 is only legal when the name is unique in the object (D5; the controller's symbol resolution
 /// refuses an ambiguous 0), and then it names the same symbol as 1, so the normalisation is unconditional.
@@ -208,7 +208,7 @@ impl FuncId {
     }
 }
 
-/// D6 [relive]: sympos 0 ("the unique one") and 1 ("the first one") name the same symbol.
+/// D6 \[relive\]: sympos 0 ("the unique one") and 1 ("the first one") name the same symbol.
 pub const fn normalise_sympos(sympos: u32) -> u32 {
     if sympos == 0 { 1 } else { sympos }
 }

@@ -51,6 +51,24 @@
 //! assert_eq!(model.dispatch(&f, PatchState::Idle), Code::New { patch: "fix".into(), range: new });
 //! ```
 //!
+//! # Driving the model
+//!
+//! Perform every [`Output`]'s steps in order; log its events.
+//!
+//! 1. [`Model::check_enable`] first (no change; ranges may still be unresolved), then [`Model::enable`]
+//!    (L1, L2.1–3a). It requests the pre_patch callbacks. Run them in order, stop at the first failure,
+//!    and pass the results to [`Model::start`]. A failure cancels (L7): [`Output::error`] is set.
+//! 2. While [`Model::transition`] is `Some`, call [`Model::try_switch`] for each [`Model::pending`] thread,
+//!    with its stack unwound while stopped. Write the returned state before resuming it. Then call
+//!    [`Model::try_complete`], which completes (L3/L4/R4) once no thread is pending.
+//! 3. [`Model::disable`] (L4, or L6 for the transition patch), [`Model::reverse`] (L6) and
+//!    [`Model::force`] (C11) start or steer transitions the same way.
+//! 4. Threads: [`Model::add_thread`] for a thread created from the current TLS init image;
+//!    [`Model::adopt_thread`] with the slot value read from the thread when that is unsure;
+//!    [`Model::remove_thread`] when a thread exits. Stubs: [`Model::register_stub`] (DESIGN §4.5).
+//! 5. Libraries loaded or unloaded under active patches (CB6/CB7): [`Model::object_coming`], then
+//!    [`Model::object_coming_done`] with the pre_patch results; [`Model::object_going`].
+//!
 //! Conflict policy (K5): by default a non-replace patch that replaces a function owned by another active
 //! patch is refused ([`Error::Conflict`]); a patch with `stacking` gets the upstream K2 semantics; replace
 //! patches are exempt and supersede everything at completion (R4).

@@ -499,7 +499,7 @@ impl Model {
         self.patches.iter().find(|p| p.name == name)
     }
 
-    /// S1/K2 `stack_order` [6.14]: 1-based position of the patch in the active list.
+    /// S1/K2 `stack_order` \[6.14\]: 1-based position of the patch in the active list.
     pub fn stack_order(&self, name: &str) -> Option<usize> {
         self.patches.iter().position(|p| p.name == name).map(|i| i + 1)
     }
@@ -1359,7 +1359,7 @@ impl Model {
         }
         self.set_tls_image(PatchState::Idle, out);
         // L3.6 / L4 / CB2: post callbacks for loaded objects. The replaced patches are still listed, so ST2
-        // still sees their states (L3.9 [5.5]).
+        // still sees their states (L3.9 \[5.5\]).
         let name = t.patch.clone();
         let prev_states = self.prev_states();
         for o in self.patches[pi]

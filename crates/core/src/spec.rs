@@ -10,7 +10,7 @@ pub struct PatchSpec {
     pub name: String,
     /// R1: supersede every active patch (atomic replace, cumulative patch).
     pub replace: bool,
-    /// K5 [relive]: opt in to the upstream K2 stacking semantics for this patch's functions.
+    /// K5 \[relive\]: opt in to the upstream K2 stacking semantics for this patch's functions.
     pub stacking: bool,
     pub objects: Vec<ObjectSpec>,
     /// D11 / §8: system states this patch establishes.
