@@ -1359,7 +1359,7 @@ impl Model {
         }
         self.set_tls_image(PatchState::Idle, out);
         // L3.6 / L4 / CB2: post callbacks for loaded objects. The replaced patches are still listed, so ST2
-        // still sees their states (L3.9 \[5.5\]).
+        // still sees their states (L3.9 [5.5]).
         let name = t.patch.clone();
         let prev_states = self.prev_states();
         for o in self.patches[pi]
