@@ -101,6 +101,8 @@ struct Run {
     wall_ms: f64,
     transition_ms: f64,
     thread_pause_ms: f64,
+    /// The same measurement over a window of the same length in which relive does nothing.
+    control_ms: f64,
     pauses: Vec<u64>,
     windows: Vec<u64>,
 }
@@ -111,7 +113,14 @@ fn run(t: &mut Target, args: &[&str]) -> Run {
     let j = relive(args);
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
     let thread_pause_ms = t.max_pause_ms();
-    let pauses = j["pause_us"]
+    t.send("reset");
+    std::thread::sleep(
+        t0.elapsed()
+            .min(Duration::from_secs(5))
+            .max(Duration::from_millis(wall_ms as u64)),
+    );
+    let control_ms = t.max_pause_ms();
+    let pauses = j["pause_samples_us"]
         .as_array()
         .map(|a| a.iter().map(|v| v.as_u64().unwrap()).collect())
         .unwrap_or_default();
@@ -125,6 +134,7 @@ fn run(t: &mut Target, args: &[&str]) -> Run {
         wall_ms,
         transition_ms: j["transition_ms"].as_f64().unwrap(),
         thread_pause_ms,
+        control_ms,
         pauses,
         windows,
     }
@@ -143,7 +153,7 @@ fn main() {
         "image load and patch dlopen; transition = init → completion; pause = longest gap any target thread saw)\n"
     );
     println!(
-        "| scenario | op | wall ms | transition ms | longest thread pause ms | stop-all windows µs | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause |"
+        "| scenario | op | wall ms | transition ms | longest thread pause ms (control) | stop-all windows µs | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let scenarios: [(&str, Vec<&str>, &str); 4] = [
@@ -180,10 +190,11 @@ fn main() {
             };
             all_pauses.extend(r.pauses.iter().copied());
             println!(
-                "| {name} | {op} | {:.1} | {:.1} | {:.2} | {:?} | {} / {} / {} | {} |",
+                "| {name} | {op} | {:.1} | {:.1} | {:.2} ({:.2}) | {:?} | {} / {} / {} | {} |",
                 r.wall_ms,
                 r.transition_ms,
                 r.thread_pause_ms,
+                r.control_ms,
                 r.windows,
                 q(0.5),
                 q(0.99),

@@ -117,6 +117,9 @@ pub struct Report {
     pub windows: Vec<Window>,
     /// Per-thread pause of the switching loop: median, p99 and max, in µs.
     pub pause_us: Option<(u64, u64, u64)>,
+    /// Every per-thread pause of the switching loop (stop → resume of one thread), in µs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pause_samples_us: Vec<u64>,
     /// The kernel-style log lines of the model (SPEC events).
     pub log: Vec<String>,
 }
@@ -162,6 +165,7 @@ impl Report {
         self.switched += st.switched;
         self.blockers = st.blockers.clone();
         let mut p = st.pauses_us.clone();
+        self.pause_samples_us.extend(st.pauses_us.iter().copied());
         if !p.is_empty() {
             p.sort_unstable();
             let q = |f: f64| p[((p.len() - 1) as f64 * f).round() as usize];
