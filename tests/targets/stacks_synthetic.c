@@ -5,6 +5,7 @@
  *   syn_root:    cfi_undefined rip; call syn_leaf                (a thread root, like clone3)
  *   syn_noroot:  ordinary CFI; call syn_leaf                     (not a root)
  *   syn_rec:     call syn_rec                                    (recursion, CFA = rsp+8)
+ *   syn_nocfi:   call syn_leaf, no CFI at all
  *   syn_restore: mov $15,%rax; syscall                           (glibc's __restore_rt) */
 __asm__(
     ".text\n"
@@ -29,6 +30,9 @@ __asm__(
     ".cfi_startproc\n"
     "  call syn_rec\n  ret\n"
     ".cfi_endproc\n.size syn_rec, .-syn_rec\n"
+    ".globl syn_nocfi\n.type syn_nocfi,@function\nsyn_nocfi:\n"
+    "  call syn_leaf\n  ret\n"
+    ".size syn_nocfi, .-syn_nocfi\n"
     ".globl syn_restore\n.type syn_restore,@function\nsyn_restore:\n"
     "  mov $15, %rax\n  syscall\n"
     ".size syn_restore, .-syn_restore\n");

@@ -561,6 +561,35 @@ fn t_deleted_library_read_through_map_files() {
     assert!(f["object"].as_str().unwrap().ends_with("libgone.so"), "{f:#}");
 }
 
+/// The text output: one header per thread with name, state and verdict, frames as
+/// function+offset (object).
+#[test]
+fn t_text_output_and_unknown_tid() {
+    let target = spawn_threads(&VARIANTS[1], &["blocked-only"]);
+    let pid = target.pid();
+    let tids = wait_blocked(pid, &["sleeper", "recurse"]);
+    let (code, out, err) = run_relive(&["stacks", &pid.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let sleeper = format!("thread {} \"sleeper\" S (sleeping): reliable", tids["sleeper"]);
+    assert!(out.contains(&sleeper), "{out}");
+    let recurse = format!(
+        "thread {} \"recurse\" S (sleeping): UNRELIABLE: more than 100 frames",
+        tids["recurse"]
+    );
+    assert!(out.contains(&recurse), "{out}");
+    assert!(
+        out.contains("sleeper_block+0x") && out.contains("(libc.so.6)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[signal handler called]") && out.contains("[interrupted by a signal]"),
+        "{out}"
+    );
+    let (code, _, err) = run_relive(&["stacks", &pid.to_string(), "--tid", "1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("no thread 1 in pid {pid}")), "{err}");
+}
+
 /// Errors: a pid that does not exist.
 #[test]
 fn t_error_no_such_pid() {

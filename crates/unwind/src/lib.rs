@@ -84,6 +84,8 @@ pub enum Unreliable {
     NoRoot { pc: u64 },
     #[error("pc {pc:#x} is in no known module (JIT or anonymous code without unwind info)")]
     UnknownCode { pc: u64 },
+    #[error("pc {pc:#x} is in code without unwind information (no .eh_frame FDE covers it)")]
+    NoCfi { pc: u64 },
     #[error("cannot read the signal frame at {addr:#x} (pc {pc:#x})")]
     BadSignalFrame { pc: u64, addr: u64 },
     #[error("return address {pc:#x} points into code without CFI ({label}); cannot unwind through it")]
@@ -179,7 +181,7 @@ pub struct Unwinder {
     /// AVMAs of `rt_sigreturn` trampolines found in executable code.
     trampolines: Vec<u64>,
     extra: Vec<(Range<u64>, String)>,
-    root_cache: HashMap<u64, bool>,
+    root_cache: HashMap<u64, Option<bool>>,
 }
 
 impl std::fmt::Debug for Unwinder {
@@ -293,17 +295,15 @@ impl Unwinder {
             .map(|(_, l)| l.as_str())
     }
 
-    fn is_root(&mut self, lookup: u64) -> bool {
+    /// What the CFI says at `lookup`: `Some(true)` a thread root (return address undefined),
+    /// `Some(false)` an ordinary row, `None` no FDE covers it. Cached per address.
+    fn cfi_at(&mut self, lookup: u64) -> Option<bool> {
         if let Some(&r) = self.root_cache.get(&lookup) {
             return r;
         }
-        let r = match self.module_for(lookup) {
-            Some(m) => {
-                relive_elf::ra_undefined_at(&m.image, &m.data, Svma(lookup.wrapping_sub(m.bias)))
-                    == Some(true)
-            }
-            None => false,
-        };
+        let r = self
+            .module_for(lookup)
+            .and_then(|m| relive_elf::ra_undefined_at(&m.image, &m.data, Svma(lookup.wrapping_sub(m.bias))));
         self.root_cache.insert(lookup, r);
         r
     }
@@ -381,6 +381,11 @@ impl Unwinder {
             if self.module_for(lookup).is_none() {
                 return Err(Unreliable::UnknownCode { pc });
             }
+            // Without CFI framehop would guess with frame pointers and could skip frames: a stack
+            // that looks complete but hides a function. Never trust that (DESIGN §4.5).
+            if self.cfi_at(lookup).is_none() {
+                return Err(Unreliable::NoCfi { pc });
+            }
             match self.fh.unwind_frame(addr, &mut regs, &mut self.cache, &mut read) {
                 Ok(Some(ra)) => {
                     if self.trampolines.binary_search(&ra).is_ok() {
@@ -415,7 +420,7 @@ impl Unwinder {
                     }
                 }
                 Ok(None) => {
-                    return if self.is_root(lookup) {
+                    return if self.cfi_at(lookup) == Some(true) {
                         Ok(())
                     } else {
                         Err(Unreliable::NoRoot { pc })

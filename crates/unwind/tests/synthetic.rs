@@ -25,7 +25,14 @@ fn syn() -> Syn {
     let image = ElfImage::parse("syn", &data).unwrap();
     let syms = SymbolTable::from_elf(&data, None);
     let mut sym = HashMap::new();
-    for n in ["syn_leaf", "syn_root", "syn_noroot", "syn_rec", "syn_restore"] {
+    for n in [
+        "syn_leaf",
+        "syn_root",
+        "syn_noroot",
+        "syn_rec",
+        "syn_restore",
+        "syn_nocfi",
+    ] {
         sym.insert(n, syms.resolve("syn", n, 0).unwrap().addr.to_avma(BIAS).0);
     }
     let m = UnwindModule {
@@ -69,6 +76,16 @@ fn t_d45_reliable_only_at_a_cfi_root() {
     let st = run(&mut s, leaf + 4, &mem, 100);
     assert!(
         matches!(st.verdict, Verdict::Unreliable(Unreliable::NoRoot { .. })),
+        "{st:?}"
+    );
+
+    // A caller without CFI: never guessed through with frame pointers.
+    let nocfi = s.sym["syn_nocfi"];
+    let mem = HashMap::from([(S + 24, nocfi + 5), (S + 32, root + 5)]);
+    let st = run(&mut s, leaf + 4, &mem, 100);
+    assert_eq!(
+        st.verdict,
+        Verdict::Unreliable(Unreliable::NoCfi { pc: nocfi + 5 }),
         "{st:?}"
     );
 
