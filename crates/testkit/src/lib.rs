@@ -55,7 +55,10 @@ pub fn compile_c(name: &str, sources: &[&str], flags: &[&str]) -> PathBuf {
     if out.exists() {
         return out;
     }
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per process and per call, so threads of one test binary never share a temp file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = out.with_extension(format!("tmp{}-{seq}", std::process::id()));
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
         .args(flags)
         .arg("-I")
