@@ -602,16 +602,35 @@ fn t_error_no_such_pid() {
     assert_eq!(v["error"]["kind"], "error");
 }
 
+/// Copies `files` into a fresh world-readable directory, so that uid 65534 can run them wherever
+/// the checkout lives (a clone under /root is not reachable for it).
+fn world_copies(files: &[&std::path::Path]) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = files
+        .iter()
+        .map(|f| {
+            let dst = dir.path().join(f.file_name().unwrap());
+            std::fs::copy(f, &dst).unwrap();
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+            dst
+        })
+        .collect();
+    (dir, out)
+}
+
 /// Errors: a process the user may not trace; the message names the fixes (DESIGN §6).
 #[test]
 fn t_error_permission_denied_names_the_fix() {
     let target = spawn_threads(&VARIANTS[0], &["blocked-only"]);
+    let (_dir, copies) = world_copies(&[std::path::Path::new(RELIVE)]);
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            RELIVE,
+            copies[0].to_str().unwrap(),
             "stacks",
             &target.pid().to_string(),
         ])
@@ -631,7 +650,9 @@ fn t_error_permission_denied_names_the_fix() {
 /// readable, and relive falls back to the mapped paths).
 #[test]
 fn t_same_uid_unprivileged_user_works() {
-    let exe = compile_c("stacks_threads_pie", &["stacks_threads.c"], VARIANTS[0].1);
+    let built = compile_c("stacks_threads_pie", &["stacks_threads.c"], VARIANTS[0].1);
+    let (_dir, copies) = world_copies(&[&built, std::path::Path::new(RELIVE)]);
+    let (exe, relive) = (&copies[0], &copies[1]);
     let target = spawn_target(
         std::path::Path::new("setpriv"),
         &[
@@ -650,7 +671,7 @@ fn t_same_uid_unprivileged_user_works() {
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            RELIVE,
+            relive.to_str().unwrap(),
             "stacks",
             &pid.to_string(),
             "--json",
