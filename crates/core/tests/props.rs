@@ -312,7 +312,8 @@ struct Run {
     sim: Sim,
     next_tid: i32,
     forced: bool,
-    /// (e): the state before the patching transition in progress, while it has been reversed.
+    /// (e): the state before the transition in progress (patching or unpatching), to compare with when it
+    /// completes reversed.
     before_enable: Option<Snapshot>,
     reversed: bool,
     objs: [bool; 3],
@@ -372,17 +373,22 @@ impl Run {
                     }
                 }
             }
-            Op::Disable(p) => match self.sim.model.disable(&format!("p{p}")) {
-                Err(_) => prop_assert_eq!(&self.sim.model, &model_before),
-                Ok(out) => {
-                    if was_in_transition {
-                        self.reversed = !self.reversed; // disable of the transition patch = reverse
-                    } else {
-                        self.before_enable = None;
+            Op::Disable(p) => {
+                let snap = self.snapshot();
+                match self.sim.model.disable(&format!("p{p}")) {
+                    Err(_) => prop_assert_eq!(&self.sim.model, &model_before),
+                    Ok(out) => {
+                        if was_in_transition {
+                            self.reversed = !self.reversed; // disable of the transition patch = reverse
+                        } else {
+                            // (e) for a reversed unpatching transition too.
+                            self.before_enable = Some(snap);
+                            self.reversed = false;
+                        }
+                        self.sim.run(&out);
                     }
-                    self.sim.run(&out);
                 }
-            },
+            }
             Op::Switch(i) => {
                 if let Some(tid) = self.pick(*i) {
                     self.switch(tid)?;
