@@ -348,7 +348,8 @@ fn finish_transition(
         let mut r2 = Report::default();
         s.save()?;
         perform(s, &out, false, &mut r2, progress)?;
-        entries::retire_stubs(s)?;
+        // Stub pages stay mapped for the next patch of the same functions (no extra stop-all here);
+        // `relive transition` on an idle target retires the unused ones.
         s.save()?;
         log.extend(r2.log);
         windows.extend(r2.windows);
@@ -415,10 +416,6 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     s.reload_image()?;
     let spec = prepared.spec(&rec);
     s.doc.patches.push(rec);
-    for (func, plan) in &prepared.plans {
-        entries::ensure_stub(&mut s, func, plan)?;
-    }
-    patchfile::make_thunks(&mut s, &pf.name, &prepared)?;
     s.sync_threads_idle()?;
     // 7: init (C2), pre_patch callbacks.
     let transition_started = Instant::now();
@@ -430,20 +427,25 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
             if let Some(r) = rec {
                 let _ = s.conn.unload(r.handle);
             }
-            entries::retire_stubs(&mut s)?;
             s.save()?;
             return Err(core_err(pid, e));
         }
     };
     s.save()?;
     let results = perform(&mut s, &init, true, &mut rep, progress)?;
+    // Stub pages and thunks only once every pre_patch succeeded: a refused patch leaves no page behind (L7).
+    if results.iter().all(|r| *r == 0) {
+        for (func, plan) in &prepared.plans {
+            entries::ensure_stub(&mut s, func, plan)?;
+        }
+        patchfile::make_thunks(&mut s, &pf.name, &prepared)?;
+    }
     // 8: start: TLS init image, then stubs and entries in one stop-all window.
     let start = s.doc.model.start(&results).map_err(|e| core_err(pid, e))?;
     s.save()?;
     perform(&mut s, &start, true, &mut rep, progress)?;
     if let Some(e) = start.error {
         // L7: the enable was cancelled; nothing stays behind.
-        entries::retire_stubs(&mut s)?;
         s.save()?;
         return Err(Fail::Refused(anyhow!("pid {pid}: {e}")));
     }
