@@ -106,7 +106,8 @@ fn main() {
         row("try_switch (20 frames, blocked)", 100, funcs, r, base);
     }
 
-    // enable + start, and completion, as the thread count grows; baseline = 10 threads.
+    // enable + start, and completion, as the thread count grows (each timing includes cloning the model it
+    // starts from); baseline = 10 threads.
     let mut base_en = Duration::ZERO;
     let mut base_done = Duration::ZERO;
     for threads in [10, 100, 1000] {
