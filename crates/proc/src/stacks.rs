@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::mem::PageCacheReader;
-use crate::ptrace::{Regs, stop_thread};
+use crate::ptrace::{Regs, StoppedThread, stop_thread};
 use relive_unwind::{Stack, StartRegs, Unwinder};
 
 /// One thread's registers and unwound stack, taken while it was stopped.
@@ -12,6 +12,23 @@ pub struct ThreadStack {
     pub tid: i32,
     pub regs: Regs,
     pub stack: Stack,
+}
+
+/// Unwinds a thread that is already stopped (the caller decides and resumes: DESIGN §4.5's
+/// stop → unwind → decide → write state → resume).
+pub fn unwind_stopped(t: &StoppedThread, unwinder: &mut Unwinder, max_depth: usize) -> Result<(Regs, Stack)> {
+    let regs = t.regs()?;
+    let mut reader = PageCacheReader::new(t.pid());
+    let stack = unwinder.unwind(
+        StartRegs {
+            ip: regs.rip,
+            sp: regs.rsp,
+            bp: regs.rbp,
+        },
+        &mut reader,
+        max_depth,
+    );
+    Ok((regs, stack))
 }
 
 /// Stops thread `tid` of `pid`, reads its registers, unwinds it with `unwinder`, and resumes it.

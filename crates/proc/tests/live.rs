@@ -46,6 +46,14 @@ fn serial_t_d41_stop_all_then_resume_all() {
         .collect();
     assert_eq!(fs.len(), 301, "every thread has its own fs_base (TLS)");
     assert!(!fs.contains(&0));
+    // Every stopped thread unwinds to a root (stop → unwind → decide → resume, DESIGN §4.5).
+    let image = relive_proc::ProcessImage::load(pid, &ImageOptions::default()).unwrap();
+    let mut unwinder = image.unwinder();
+    for t in &stopped.threads {
+        let (regs, stack) = relive_proc::unwind_stopped(t, &mut unwinder, 100).unwrap();
+        assert!(stack.verdict.is_reliable(), "thread {}: {stack:?}", t.tid());
+        assert_eq!(stack.frames[0].pc, regs.rip);
+    }
     stopped.resume().unwrap();
     wait_state(pid, &tids, |s| s == 'S');
 }
