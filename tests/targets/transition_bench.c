@@ -125,7 +125,7 @@ int main(int argc, char **argv) {
         else if (!strncmp(line, "report", 6)) printf("pause max_ns=%ld\n", atomic_load(&max_gap));
         else if (!strncmp(line, "cost", 4)) {
             double d = 1e9, p = 1e9;
-            for (int r = 0; r < 5; r++) {
+            for (int r = 0; r < 11; r++) {
                 double a = cost(bench_direct), b = cost(bench_fn);
                 if (a < d) d = a;
                 if (b < p) p = b;
