@@ -253,7 +253,11 @@ impl SymbolTable {
     /// table order. Aliases (same address) count once. A function without a size is refused.
     pub fn resolve(&self, object: &str, name: &str, sympos: u32) -> Result<&Symbol, ResolveError> {
         let mut cands: Vec<&Symbol> = Vec::new();
-        for s in self.symbols.iter().filter(|s| s.kind != SymKind::Object && s.name == name) {
+        for s in self
+            .symbols
+            .iter()
+            .filter(|s| s.kind != SymKind::Object && s.name == name)
+        {
             if !cands.iter().any(|c| c.addr == s.addr) {
                 cands.push(s);
             }

@@ -522,13 +522,22 @@ pub fn stop_all(pid: i32) -> Result<StoppedProcess> {
 /// thread at once, switch each one as it stops). `each` resumes the thread (or drops it, which detaches).
 /// Returns the threads that exited meanwhile. Only these threads stop; the rest of the process runs on.
 /// (Added by the transition driver; waits with `waitpid(-1, __WALL)`, ignoring other children's events.)
-pub fn stop_each(pid: i32, tids: &[i32], mut each: impl FnMut(StoppedThread) -> Result<()>) -> Result<Vec<i32>> {
+pub fn stop_each(
+    pid: i32,
+    tids: &[i32],
+    mut each: impl FnMut(StoppedThread) -> Result<()>,
+) -> Result<Vec<i32>> {
     let mut gone = Vec::new();
     let mut waiting: Vec<i32> = Vec::new();
     let release = |waiting: &[i32]| {
         for &t in waiting {
             if wait_for_interrupt(pid, t).is_ok() {
-                drop(StoppedThread { pid, tid: t, attached: true, stopped: true });
+                drop(StoppedThread {
+                    pid,
+                    tid: t,
+                    attached: true,
+                    stopped: true,
+                });
             }
         }
     };
@@ -564,11 +573,18 @@ pub fn stop_each(pid: i32, tids: &[i32], mut each: impl FnMut(StoppedThread) -> 
             release(&waiting);
             return Err(ProcError::from_os(pid, None, "waitpid", err));
         }
-        let Some(i) = waiting.iter().position(|&t| t == r) else { continue };
+        let Some(i) = waiting.iter().position(|&t| t == r) else {
+            continue;
+        };
         match decode_status(status) {
             StopKind::EventStop(_) => {
                 waiting.swap_remove(i);
-                if let Err(e) = each(StoppedThread { pid, tid: r, attached: true, stopped: true }) {
+                if let Err(e) = each(StoppedThread {
+                    pid,
+                    tid: r,
+                    attached: true,
+                    stopped: true,
+                }) {
                     release(&waiting);
                     return Err(e);
                 }
