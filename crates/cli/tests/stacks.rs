@@ -590,6 +590,44 @@ fn t_text_output_and_unknown_tid() {
     assert!(err.contains(&format!("no thread 1 in pid {pid}")), "{err}");
 }
 
+/// DESIGN §4.1: a process stopped by job control (SIGSTOP) is inspected and left stopped; it runs
+/// on after SIGCONT, and relive never left a stop of its own behind.
+#[test]
+fn t_d41_job_control_stopped_process_stays_stopped() {
+    let target = spawn_threads(&VARIANTS[0], &["blocked-only"]);
+    let pid = target.pid();
+    let tids = wait_blocked(pid, &["sleeper", "futex"]);
+    let all: Vec<i32> = tids.values().copied().collect();
+    let wait_all = |want: char| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all.iter().all(|&t| thread_info(pid, t).unwrap().state == want) {
+            assert!(Instant::now() < deadline, "threads never reached state {want}");
+            std::thread::yield_now();
+        }
+    };
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_all('T');
+    let v = stacks_json(pid, &[]);
+    assert_reliable(thread(&v, "sleeper"));
+    wait_all('T');
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_blocked(pid, &["sleeper", "futex", "reader", "poller"]);
+    let v = stacks_json(pid, &[]);
+    assert_eq!(thread(&v, "sleeper")["state"], "S");
+}
+
 /// Errors: a pid that does not exist.
 #[test]
 fn t_error_no_such_pid() {
