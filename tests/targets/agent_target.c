@@ -140,10 +140,12 @@ static void *mallocer(void *arg) {
 int main(void) {
     if (pipe(pipefd) != 0) return 1;
     void *(*fns[])(void *) = {simd_sleep, sleeper, reader, waiter, busy, mallocer};
+    const char *names[] = {"simd-sleep", "sleeper", "reader", "waiter", "busy", "mallocer"};
     int n = sizeof fns / sizeof fns[0];
     for (int i = 0; i < n; i++) {
         pthread_t t;
         pthread_create(&t, NULL, fns[i], NULL);
+        pthread_setname_np(t, names[i]); /* tests find threads by /proc/PID/task/TID/comm */
     }
     while (atomic_load(&started) < n) usleep(1000);
     printf("ready pid=%d\n", getpid());

@@ -182,7 +182,8 @@ fn tracer_pid(pid: i32) -> i32 {
 // ---- tests -------------------------------------------------------------------------------------
 
 /// DESIGN §4.6: injection into a Rust target (threads in nanosleep and std sleep, one busy, one
-/// allocating) through `relive load`; the hijacked 2 s sleep still takes 2 s, xmm8–15 intact.
+/// allocating) through `relive load`, then 99 more remote dlopens in a row: no deadlock, the
+/// hijacked 2 s sleeps still take 2 s, xmm8–15 intact.
 #[test]
 fn serial_t_d4_6_inject_rust_target() {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -206,6 +207,16 @@ fn serial_t_d4_6_inject_rust_target() {
         "the agent was injected, not preloaded: {v}"
     );
     assert_eq!(v["patch"], "librust_hello_patch.so");
+    // 99 more remote dlopens in a row (the library is loaded; each is a full hijack and restore).
+    let opts = relive_proc::remote::InjectOptions::default();
+    let mut chooser = relive_proc::remote::ThreadChooser::load(pid).unwrap();
+    let mut frames = 0;
+    for i in 1..100 {
+        let r = relive_proc::remote::inject_library_with(pid, &agent_so(), &opts, Some(&mut chooser))
+            .unwrap_or_else(|e| panic!("injection {i} into the Rust target: {e}"));
+        frames += r.via_frame as u32;
+    }
+    assert_eq!(frames, 0, "no call fell back to its signal frame");
     for _ in 0..2 {
         let l = line_with(&t, "simd-sleep", Duration::from_secs(6));
         let el: f64 = field(&l, "elapsed").parse().unwrap();

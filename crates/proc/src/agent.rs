@@ -172,15 +172,31 @@ pub fn read_maps(pid: i32) -> Result<Vec<MapLine>> {
     }
 }
 
-/// A module of the target found in its maps: its file bytes and load bias.
-#[derive(Debug)]
+/// A module of the target found in its maps: its file (read lazily: only the headers and tables
+/// asked for are read) and load bias.
 pub struct MappedFile {
     pub path: String,
     pub bias: u64,
-    pub data: Vec<u8>,
+    pub cache: object::ReadCache<std::fs::File>,
 }
 
-/// Reads the file behind the mappings named `path` (through `/proc/PID/map_files`, which is the file
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("path", &self.path)
+            .field("bias", &self.bias)
+            .finish()
+    }
+}
+
+impl MappedFile {
+    /// Parses the file (headers only; sections and symbols are read on demand).
+    pub fn object(&self) -> Option<object::File<'_, &object::ReadCache<std::fs::File>>> {
+        object::File::parse(&self.cache).ok()
+    }
+}
+
+/// Opens the file behind the mappings named `path` (through `/proc/PID/map_files`, which is the file
 /// actually mapped even if replaced on disk or in another mount namespace) and computes its bias.
 pub fn mapped_file(pid: i32, maps: &[MapLine], path: &str) -> Result<MappedFile> {
     let first = maps
@@ -193,28 +209,31 @@ pub fn mapped_file(pid: i32, maps: &[MapLine], path: &str) -> Result<MappedFile>
             detail: "no mapping at file offset 0".into(),
         })?;
     let via = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
-    let data = std::fs::read(&via)
-        .or_else(|_| std::fs::read(format!("/proc/{pid}/root{path}")))
-        .or_else(|_| std::fs::read(path))
+    let file = std::fs::File::open(&via)
+        .or_else(|_| std::fs::File::open(format!("/proc/{pid}/root{path}")))
+        .or_else(|_| std::fs::File::open(path))
         .map_err(|e| io_err(pid, format!("the mapped file {path}"), e))?;
-    use object::{Object, ObjectSegment};
-    let file = object::File::parse(&*data).map_err(|e| AgentError::BadAgentFile {
-        pid,
-        path: path.into(),
-        detail: e.to_string(),
-    })?;
-    let min_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    let cache = object::ReadCache::new(file);
+    let min_vaddr = {
+        use object::{Object, ObjectSegment};
+        let obj = object::File::parse(&cache).map_err(|e| AgentError::BadAgentFile {
+            pid,
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        obj.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff
+    };
     Ok(MappedFile {
         path: path.into(),
         bias: first.start - min_vaddr,
-        data,
+        cache,
     })
 }
 
 /// Looks up a `.dynsym` symbol's address (bias applied).
 pub fn dynsym_addr(m: &MappedFile, name: &str) -> Option<u64> {
     use object::{Object, ObjectSymbol};
-    let file = object::File::parse(&*m.data).ok()?;
+    let file = m.object()?;
     file.dynamic_symbols()
         .find(|s| s.name() == Ok(name) && s.is_definition())
         .map(|s| m.bias + s.address())

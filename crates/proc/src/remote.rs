@@ -89,6 +89,8 @@ pub struct InjectOptions {
     pub call_timeout: Duration,
     /// Progress messages (the CLI shows them in a spinner).
     pub progress: Option<Progress>,
+    /// Consider only these threads (tests use it to hijack a thread blocked in read or futex).
+    pub only_tids: Option<Vec<i32>>,
 }
 
 impl std::fmt::Debug for InjectOptions {
@@ -106,6 +108,7 @@ impl Default for InjectOptions {
             timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(10),
             progress: None,
+            only_tids: None,
         }
     }
 }
@@ -345,7 +348,7 @@ const TRAMP_BYTES: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x
 /// Finds the trampoline in a mapped file's executable segments.
 fn find_trampoline(m: &crate::agent::MappedFile) -> Option<u64> {
     use object::{Object, ObjectSegment, SegmentFlags};
-    let file = object::File::parse(&*m.data).ok()?;
+    let file = m.object()?;
     for seg in file.segments() {
         let exec =
             matches!(seg.flags(), SegmentFlags::Elf { p_flags, .. } if p_flags.contains(object::elf::PF_X));
@@ -858,6 +861,42 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// ([`unsafe_function`]); running threads and threads in any other system call (mmap/brk inside
 /// malloc, …) are refused. `RELIVE_DEBUG_INJECT_KILL=N` kills the controller at point N (tests only).
 pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<InjectReport> {
+    inject_library_with(pid, path, opts, None)
+}
+
+/// What thread choice by unwinding needs: the process image (modules, symbols) and an unwinder
+/// over it. Reading them is the slow part of an injection (tens of ms to a second for big
+/// binaries); a caller that injects many times reads them once.
+pub struct ThreadChooser {
+    pub image: crate::image::ProcessImage,
+    pub unwinder: relive_unwind::Unwinder,
+}
+
+impl std::fmt::Debug for ThreadChooser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadChooser")
+            .field("pid", &self.image.pid)
+            .finish()
+    }
+}
+
+impl ThreadChooser {
+    /// Reads the image of `pid`. Modules mapped later have no unwind info in it: threads inside
+    /// them are refused.
+    pub fn load(pid: i32) -> std::result::Result<ThreadChooser, crate::error::ProcError> {
+        let image = crate::image::ProcessImage::load(pid, &crate::image::ImageOptions::default())?;
+        let unwinder = image.unwinder();
+        Ok(ThreadChooser { image, unwinder })
+    }
+}
+
+/// [`inject_library`] with a [`ThreadChooser`] read before (reused across injections).
+pub fn inject_library_with(
+    pid: i32,
+    path: &Path,
+    opts: &InjectOptions,
+    chooser: Option<&mut ThreadChooser>,
+) -> Result<InjectReport> {
     let start = Instant::now();
     let path_str = path.to_string_lossy().into_owned();
     if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -893,8 +932,21 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
         .and_then(|v| v.parse().ok());
     // Thread choice by unwinding (DESIGN §4.6). If the process image cannot be read (e.g. a deleted
     // object without CAP_SYS_ADMIN), fall back to the system-call whitelist alone.
-    let image = crate::image::ProcessImage::load(pid, &crate::image::ImageOptions::default()).ok();
-    let mut unwinder = image.as_ref().map(|i| i.unwinder());
+    let mut loaded;
+    let chooser = match chooser {
+        Some(c) => Some(c),
+        None => {
+            loaded = ThreadChooser::load(pid).ok();
+            loaded.as_mut()
+        }
+    };
+    let unwound = chooser.is_some();
+    let mut chooser = chooser;
+    // Never hijack the agent's own service thread (a re-injection into a process that has it).
+    let service_tid = crate::agent::find_agent(pid)
+        .ok()
+        .and_then(|l| crate::agent::read_registry(&l).ok())
+        .map(|s| s.header.service_tid as i32);
 
     let mut attempts = 0u32;
     let mut backoff = Duration::from_millis(2);
@@ -909,7 +961,9 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
         let mut seen = Vec::new();
         for &tid in &tids {
             let (nr, desc) = thread_activity(pid, tid);
-            if let Some(nr) = nr.filter(|&n| safe_syscall(n).is_some()) {
+            let allowed =
+                opts.only_tids.as_ref().is_none_or(|o| o.contains(&tid)) && Some(tid) != service_tid;
+            if let Some(nr) = nr.filter(|&n| allowed && safe_syscall(n).is_some()) {
                 cands.push((syscall_rank(nr), tid, desc.clone()));
             }
             seen.push(desc);
@@ -918,7 +972,7 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
         for (_, tid, desc) in &cands {
             attempts += 1;
             progress(&format!("hijacking thread {desc}"));
-            let unwind = image.as_ref().zip(unwinder.as_mut());
+            let unwind = chooser.as_deref_mut().map(|c| (&c.image, &mut c.unwinder));
             match try_call(
                 pid,
                 *tid,
@@ -967,7 +1021,7 @@ pub fn inject_library(pid: i32, path: &Path, opts: &InjectOptions) -> Result<Inj
                         call,
                         stopped,
                         via_frame,
-                        unwound: image.is_some(),
+                        unwound,
                     });
                 }
                 Ok(Attempt::Refused(why)) => {
