@@ -1,6 +1,7 @@
 /* Fixture for issue 3 (`relive stacks`, DESIGN §4.5): one thread per kind of stack.
  * Threads: sleeper (nanosleep), reader (read on a pipe), futex (pthread_cond_wait), poller (poll),
  * busy (busy loop), sighandler (blocked inside a SIGUSR1 handler that interrupted sig_spin),
+ * altstack (the same with the handler on a sigaltstack),
  * recurse (recursion 150 deep, deeper than the default limit 100), vdso (clock_gettime loop).
  * Prints "ready" once every thread reached its blocking point. Built with exact flags by the tests. */
 #define _GNU_SOURCE
@@ -84,6 +85,35 @@ __attribute__((noinline)) void sig_spin(void) {
 }
 static void *sig_main(void *a) { (void)a; prctl(PR_SET_NAME, "sighandler"); sig_spin(); return NULL; }
 
+/* The same on an alternate signal stack (SA_ONSTACK): the handler's frames live on another
+ * stack than the interrupted ones. */
+static char altstack_mem[64 * 1024];
+__attribute__((noinline)) void alt_handler_block(void) {
+    arrive();
+    for (;;) {
+        struct timespec ts = {2000, 0}; /* differs from handler_block: no identical-code folding */
+        nanosleep(&ts, NULL);
+        sink += 3;
+    }
+}
+static void on_sigusr2(int sig) { alt_handler_block(); sink += sig; }
+static volatile int alt_spinning;
+__attribute__((noinline)) void alt_spin(void) {
+    alt_spinning = 1;
+    for (unsigned long i = 0;; i++) {
+        sink = sink * 5 + i;
+        __asm__ volatile("" ::: "memory");
+    }
+}
+static void *alt_main(void *a) {
+    (void)a;
+    prctl(PR_SET_NAME, "altstack");
+    stack_t ss = {.ss_sp = altstack_mem, .ss_size = sizeof altstack_mem, .ss_flags = 0};
+    sigaltstack(&ss, NULL);
+    alt_spin();
+    return NULL;
+}
+
 __attribute__((noinline)) unsigned long recurse(int n) {
     if (n == 0) {
         arrive();
@@ -132,7 +162,14 @@ int main(int argc, char **argv) {
     pthread_create(&st, NULL, sig_main, NULL);
     while (!spinning) usleep(100);
     pthread_kill(st, SIGUSR1);
-    while (__atomic_load_n(&reached, __ATOMIC_SEQ_CST) < n + 1) usleep(100);
+    sa.sa_handler = on_sigusr2;
+    sa.sa_flags = SA_ONSTACK;
+    sigaction(SIGUSR2, &sa, NULL);
+    pthread_t at;
+    pthread_create(&at, NULL, alt_main, NULL);
+    while (!alt_spinning) usleep(100);
+    pthread_kill(at, SIGUSR2);
+    while (__atomic_load_n(&reached, __ATOMIC_SEQ_CST) < n + 2) usleep(100);
     printf("ready %d\n", getpid());
     fflush(stdout);
     pthread_join(t, NULL);

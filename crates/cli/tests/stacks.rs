@@ -202,6 +202,18 @@ fn t_d45_stacks_of_every_kind_of_thread_all_flag_variants() {
         assert_eq!(n[h + 2], "sig_spin", "{ctx}: {n:?}");
         assert_eq!(n[h + 3], "sig_main", "{ctx}: {n:?}");
 
+        // The same with the handler on an alternate signal stack.
+        let t = thread(&v, "altstack");
+        assert_reliable(t);
+        let n = names(t);
+        let h = position(&n, "on_sigusr2");
+        assert!(position(&n, "alt_handler_block") < h, "{ctx}: {n:?}");
+        let frames = t["frames"].as_array().unwrap();
+        assert_eq!(frames[h + 1]["kind"], "signal_trampoline", "{ctx}: {t:#}");
+        assert_eq!(frames[h + 2]["kind"], "signal_interrupted", "{ctx}: {t:#}");
+        assert_eq!(n[h + 2], "alt_spin", "{ctx}: {n:?}");
+        assert_eq!(n[h + 3], "alt_main", "{ctx}: {n:?}");
+
         // Recursion 150 deep: unreliable at the default limit (100), reliable with a larger one.
         let t = thread(&v, "recurse");
         assert_eq!(t["reliable"], false, "{ctx}: {t:#}");
