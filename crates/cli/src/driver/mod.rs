@@ -409,12 +409,27 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     rep.agent_injected = s.injected;
     if s.doc.model.patch(&pf.name).is_some() {
         if s.doc.model.in_transition(&pf.name) {
-            return Err(Fail::Refused(anyhow!(
-                "patch {} is in transition in pid {pid}; wait with `relive transition {pid}` or reverse with \
-                 `relive disable {pid} {}`",
-                pf.name,
-                pf.name
-            )));
+            let unpatching = s.doc.model.transition().is_some_and(|t| t.target == PatchState::Unpatched);
+            if !unpatching {
+                return Err(Fail::Refused(anyhow!(
+                    "patch {} is already being applied in pid {pid}; wait with `relive transition {pid}` or \
+                     reverse with `relive disable {pid} {}`",
+                    pf.name,
+                    pf.name
+                )));
+            }
+            // L6: apply on the patch of an unpatching transition reverses it (S1 "write 1 to enabled").
+            let tids = switch::visit_list(&mut s, true)?;
+            let mut st = SwitchStats::default();
+            let _ = switch::round(&mut s, &tids, &mut st)?;
+            let out = s.doc.model.reverse().map_err(|e| core_err(pid, e))?;
+            s.save()?;
+            perform(&mut s, &out, true, &mut rep, progress)?;
+            s.save()?;
+            rep.operation = "reverse".into();
+            let transition_started = Instant::now();
+            finish_transition(&mut s, opts, &mut rep, progress, started, transition_started)?;
+            return Ok(rep);
         }
         rep.outcome = "already_active".into();
         rep.threads = s.doc.model.threads().len();
