@@ -640,6 +640,33 @@ fn t_d41_job_control_stopped_process_stays_stopped() {
     assert_eq!(thread(&v, "sleeper")["state"], "S");
 }
 
+/// Issue 3: `relive stacks` on a process whose threads come and go: threads that exit during the
+/// command are reported as gone, the long-lived ones are reliable, the command succeeds.
+#[test]
+fn serial_t_stacks_under_thread_churn() {
+    let exe = compile_c(
+        "stacks_churn",
+        &["stacks_churn.c"],
+        &["-O2", "-fomit-frame-pointer", "-pthread"],
+    );
+    let target = spawn_target(&exe, &[], "ready");
+    let pid = target.pid();
+    for _ in 0..3 {
+        let v = stacks_json(pid, &[]);
+        let threads = v["threads"].as_array().unwrap();
+        let sleepers: Vec<&Value> = threads.iter().filter(|t| t["name"] == "sleeper").collect();
+        assert_eq!(sleepers.len(), 4, "{v:#}");
+        for t in sleepers {
+            if t["state"] == "S" {
+                assert_reliable(t);
+            }
+        }
+        for t in threads.iter().filter(|t| t["alive"] == false) {
+            assert_eq!(t["unreliable_reason"], "the thread exited during the command");
+        }
+    }
+}
+
 /// Errors: a pid that does not exist.
 #[test]
 fn t_error_no_such_pid() {

@@ -187,3 +187,54 @@ fn t_d41_target_died_is_one_error_kind() {
     let e = list_threads(pid).unwrap_err();
     assert!(matches!(e, ProcError::NoSuchProcess { .. }), "{e:?}");
 }
+
+/// DESIGN §4.1: stop-all under thread churn (threads created and exiting without pause): every
+/// thread that exists while the process is stopped is stopped; nothing is left seized after.
+#[test]
+fn serial_t_d41_stop_all_under_thread_churn() {
+    let exe = compile_c("stacks_churn", &["stacks_churn.c"], FLAGS);
+    let target = spawn_target(&exe, &[], "ready");
+    let pid = target.pid();
+    for _ in 0..20 {
+        let stopped = stop_all(pid).unwrap();
+        let mut got: Vec<i32> = stopped.threads.iter().map(|t| t.tid()).collect();
+        got.sort_unstable();
+        // While everything is stopped no thread can appear; threads that were exiting may vanish.
+        let now = list_threads(pid).unwrap();
+        assert!(
+            now.iter().all(|t| got.binary_search(t).is_ok()),
+            "unstopped threads: {now:?} vs {got:?}"
+        );
+        for t in &stopped.threads {
+            if let Ok(i) = thread_info(pid, t.tid()) {
+                assert!(
+                    matches!(i.state, 't' | 'Z' | 'X'),
+                    "thread {} in state {}",
+                    t.tid(),
+                    i.state
+                );
+            }
+        }
+        if let Err(e) = stopped.resume() {
+            assert!(e.is_target_died(), "{e}");
+        }
+    }
+    // Nobody is left traced: the sleepers and spawners all run on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tracers: Vec<i32> = list_threads(pid)
+            .unwrap()
+            .into_iter()
+            .filter(|&t| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status"))
+                    .map(|s| !s.contains("TracerPid:\t0\n"))
+                    .unwrap_or(false)
+            })
+            .collect();
+        if tracers.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "threads still traced: {tracers:?}");
+        std::thread::yield_now();
+    }
+}
