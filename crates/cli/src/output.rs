@@ -19,8 +19,13 @@ pub mod exit {
 }
 
 pub const EXAMPLES: &str = "Examples:
-  relive stacks 1234              every thread of pid 1234, with reliable-stack verdicts
-  relive stacks 1234 --json       the same as JSON on stdout";
+  relive demo                     patch a bundled sample service live, then revert it
+  relive inspect fix.so           what fix.so replaces (its manifest)
+  relive check 1234 fix.so        would fix.so apply to pid 1234? nothing changes
+  relive apply 1234 fix.so        patch pid 1234 and wait until every thread switched
+  relive disable 1234 fix         back to the original code
+  relive stacks 1234 --json       every thread's stack, as JSON on stdout
+Exit codes: 0 ok, 1 error, 2 usage, 3 refused (target unchanged), 4 timeout (transition pending).";
 
 /// Global context every command receives.
 #[derive(Debug, Clone)]

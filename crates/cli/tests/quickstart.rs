@@ -151,3 +151,54 @@ fn serial_t_issue7_readme_quick_start_runs_as_written() {
     assert!(out.contains("apply of patch rust-fix in pid"), "{out}");
     assert!(out.contains("disable of patch rust-fix in pid"), "{out}");
 }
+
+/// Issue 7: `relive --help` and every subcommand's `--help` (hidden debug ones too) end with examples that
+/// run that very command.
+#[test]
+fn t_issue7_every_help_ends_with_examples() {
+    let help = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_relive"))
+            .args(args)
+            .output()
+            .expect("run relive");
+        assert_eq!(o.status.code(), Some(0), "relive {args:?}");
+        String::from_utf8(o.stdout).expect("utf-8 help")
+    };
+    let top = help(&["--help"]);
+    let cmds: Vec<String> = top
+        .split("Commands:\n")
+        .nth(1)
+        .expect("a Commands: section")
+        .lines()
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|c| c != "help")
+        .chain(["load".to_owned(), "unload".to_owned()])
+        .collect();
+    assert!(cmds.len() >= 10, "{cmds:?}");
+    let check = |name: &str, text: &str, prefix: &str| {
+        let ex = text
+            .rsplit("Examples:\n")
+            .next()
+            .filter(|_| text.contains("Examples:\n"))
+            .unwrap_or_else(|| panic!("`{name} --help` has no Examples: section:\n{text}"));
+        let lines: Vec<&str> = ex.lines().filter(|l| l.starts_with("  relive")).collect();
+        assert!(
+            !lines.is_empty(),
+            "`{name} --help` has no example command:\n{text}"
+        );
+        assert!(
+            lines.iter().all(|l| l.trim_start().starts_with(prefix)),
+            "`{name} --help`: an example runs another command:\n{text}"
+        );
+        // Nothing but examples and their notes after the heading: no option list below it.
+        assert!(
+            !ex.contains("Options:"),
+            "`{name} --help` does not end with its examples:\n{text}"
+        );
+    };
+    check("relive", &top, "relive ");
+    for c in &cmds {
+        check(c, &help(&[c, "--help"]), &format!("relive {c}"));
+    }
+}
