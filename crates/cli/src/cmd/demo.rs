@@ -138,6 +138,10 @@ fn watch(
             }
             if pred(&line) {
                 hits += 1;
+                if hits <= 2 {
+                    // Show the service's own output, so the change is visible as it happens.
+                    eprintln!("    service | {line}");
+                }
             }
         }
     }
