@@ -343,86 +343,115 @@ fn gdb_stacks(pid: i32) -> std::collections::HashMap<i32, Vec<(u64, String)>> {
 /// allowed) match `gdb -batch -p PID -ex 'thread apply all bt'`.
 #[test]
 fn serial_t_d45_cross_check_with_gdb() {
+    // Three flag variants of the many-kinds target, the two-unit target and the dlopen target.
     for variant in &VARIANTS[..3] {
         let target = spawn_threads(variant, &["blocked-only"]);
         let pid = target.pid();
         wait_blocked(
             pid,
-            &["sleeper", "reader", "futex", "poller", "sighandler", "recurse"],
+            &[
+                "sleeper",
+                "reader",
+                "futex",
+                "poller",
+                "sighandler",
+                "altstack",
+                "recurse",
+            ],
         );
-        let ours = stacks_json(pid, &["--max-depth", "200"]);
-        let image = ProcessImage::load(pid, &ImageOptions::default()).unwrap();
-        let gdb = gdb_stacks(pid);
-        let threads = ours["threads"].as_array().unwrap();
+        cross_check(variant.0, pid);
+    }
+    let tu = compile_tu("pie", VARIANTS[0].1);
+    let target = spawn_target(&tu, &[], "ready");
+    wait_blocked(target.pid(), &["tu1", "tu2"]);
+    cross_check("two units", target.pid());
+    drop(target);
+    let lib = compile_c(
+        "libstacks_lib.so",
+        &["stacks_lib.c"],
+        &["-O2", "-fomit-frame-pointer", "-fPIC", "-shared"],
+    );
+    let exe = compile_c(
+        "stacks_dlopen",
+        &["stacks_dlopen.c"],
+        &["-O2", "-fomit-frame-pointer", "-pthread", "-ldl"],
+    );
+    let target = spawn_target(&exe, &[lib.to_str().unwrap()], "ready");
+    wait_blocked(target.pid(), &["libthread"]);
+    cross_check("dlopen", target.pid());
+}
+
+/// Compares every thread of `pid` between `relive stacks` and gdb: same frames (pc), same function
+/// names (any alias of the symbol; gdb's inline and tail-call frames folded).
+fn cross_check(ctx: &str, pid: i32) {
+    let ours = stacks_json(pid, &["--max-depth", "200"]);
+    let image = ProcessImage::load(pid, &ImageOptions::default()).unwrap();
+    let gdb = gdb_stacks(pid);
+    let threads = ours["threads"].as_array().unwrap();
+    assert_eq!(
+        gdb.len(),
+        threads.len(),
+        "{}: gdb saw {} threads, relive {}",
+        ctx,
+        gdb.len(),
+        threads.len()
+    );
+    for t in threads {
+        let tid = t["tid"].as_i64().unwrap() as i32;
+        // gdb synthesizes "tail call frames" from DWARF call-site info (libc6-dbg): their pc is
+        // the address right after a `jmp rel32`, which no stack holds. Drop those.
+        let g: Vec<&(u64, String)> = gdb[&tid]
+            .iter()
+            .filter(|(pc, _)| {
+                let mut b = [0u8; 5];
+                !(*pc > 5 && relive_proc::read_memory(pid, pc - 5, &mut b).is_ok() && b[0] == 0xe9)
+            })
+            .collect();
+        let frames = t["frames"].as_array().unwrap();
+        let pcs: Vec<u64> = frames
+            .iter()
+            .map(|f| u64::from_str_radix(f["pc"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+            .collect();
+        // Group gdb's frames onto ours: a gdb frame with the pc of the previous one is an inline
+        // frame of it, unless our next frame has that pc too (recursion).
+        let mut groups: Vec<(u64, Vec<&str>)> = Vec::new();
+        for (k, (gpc, gname)) in g.iter().enumerate() {
+            let j = groups.len();
+            if k > 0 && g[k - 1].0 == *gpc && gname != "<signal handler called>" && pcs.get(j) != Some(gpc) {
+                groups.last_mut().unwrap().1.push(gname);
+            } else {
+                groups.push((*gpc, vec![gname]));
+            }
+        }
         assert_eq!(
-            gdb.len(),
-            threads.len(),
-            "{}: gdb saw {} threads, relive {}",
-            variant.0,
-            gdb.len(),
-            threads.len()
+            groups.len(),
+            frames.len(),
+            "{} thread {}: gdb {groups:?}\nrelive {t:#}",
+            ctx,
+            t["name"]
         );
-        for t in threads {
-            let tid = t["tid"].as_i64().unwrap() as i32;
-            // gdb synthesizes "tail call frames" from DWARF call-site info (libc6-dbg): their pc is
-            // the address right after a `jmp rel32`, which no stack holds. Drop those.
-            let g: Vec<&(u64, String)> = gdb[&tid]
-                .iter()
-                .filter(|(pc, _)| {
-                    let mut b = [0u8; 5];
-                    !(*pc > 5 && relive_proc::read_memory(pid, pc - 5, &mut b).is_ok() && b[0] == 0xe9)
-                })
-                .collect();
-            let frames = t["frames"].as_array().unwrap();
-            let pcs: Vec<u64> = frames
-                .iter()
-                .map(|f| u64::from_str_radix(f["pc"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-                .collect();
-            // Group gdb's frames onto ours: a gdb frame with the pc of the previous one is an inline
-            // frame of it, unless our next frame has that pc too (recursion).
-            let mut groups: Vec<(u64, Vec<&str>)> = Vec::new();
-            for (k, (gpc, gname)) in g.iter().enumerate() {
-                let j = groups.len();
-                if k > 0
-                    && g[k - 1].0 == *gpc
-                    && gname != "<signal handler called>"
-                    && pcs.get(j) != Some(gpc)
-                {
-                    groups.last_mut().unwrap().1.push(gname);
-                } else {
-                    groups.push((*gpc, vec![gname]));
-                }
+        for (i, (f, (gpc, gnames))) in frames.iter().zip(&groups).enumerate() {
+            let pc = pcs[i];
+            let name = f["function"].as_str().unwrap_or("??");
+            if gnames[0] == "<signal handler called>" {
+                assert_eq!(f["kind"], "signal_trampoline", "{} frame {i}: {t:#}", t["name"]);
+                continue;
             }
             assert_eq!(
-                groups.len(),
-                frames.len(),
-                "{} thread {}: gdb {groups:?}\nrelive {t:#}",
-                variant.0,
+                pc, *gpc,
+                "{} thread {} frame {i}: relive {pc:#x} {name}, gdb {gpc:#x} {gnames:?}",
+                ctx, t["name"]
+            );
+            let lookup = if f["kind"] == "return" { pc - 1 } else { pc };
+            let aliases = image.function_aliases(Avma(lookup));
+            assert!(
+                gnames.iter().any(|g| *g == name
+                    || aliases.iter().any(|a| a == g)
+                    || (*g == "??" && aliases.is_empty())),
+                "{} thread {} frame {i} at {pc:#x}: relive {name} (aliases {aliases:?}), gdb {gnames:?}",
+                ctx,
                 t["name"]
             );
-            for (i, (f, (gpc, gnames))) in frames.iter().zip(&groups).enumerate() {
-                let pc = pcs[i];
-                let name = f["function"].as_str().unwrap_or("??");
-                if gnames[0] == "<signal handler called>" {
-                    assert_eq!(f["kind"], "signal_trampoline", "{} frame {i}: {t:#}", t["name"]);
-                    continue;
-                }
-                assert_eq!(
-                    pc, *gpc,
-                    "{} thread {} frame {i}: relive {pc:#x} {name}, gdb {gpc:#x} {gnames:?}",
-                    variant.0, t["name"]
-                );
-                let lookup = if f["kind"] == "return" { pc - 1 } else { pc };
-                let aliases = image.function_aliases(Avma(lookup));
-                assert!(
-                    gnames.iter().any(|g| *g == name
-                        || aliases.iter().any(|a| a == g)
-                        || (*g == "??" && aliases.is_empty())),
-                    "{} thread {} frame {i} at {pc:#x}: relive {name} (aliases {aliases:?}), gdb {gnames:?}",
-                    variant.0,
-                    t["name"]
-                );
-            }
         }
     }
 }
