@@ -52,6 +52,8 @@ const VARIANTS: &[(&str, &[&str])] = &[
             "-pthread",
         ],
     ),
+    // Beyond the matrix: a static executable (glibc linked in; roots found the same way).
+    ("static", &["-O2", "-fomit-frame-pointer", "-static", "-pthread"]),
 ];
 
 fn spawn_threads(variant: &(&str, &[&str]), args: &[&str]) -> GuardedChild {
