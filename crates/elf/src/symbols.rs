@@ -3,7 +3,7 @@
 
 use crate::addr::Svma;
 use object::elf;
-use object::read::elf::{ElfFile64, FileHeader, SectionHeader, Sym};
+use object::read::elf::{ElfFile64, Sym};
 use object::{Endianness, SymbolIndex};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -107,7 +107,6 @@ fn read_table(
     } else {
         None
     };
-    let _ = file.elf_header().e_type(endian);
     for (i, sym) in table.enumerate() {
         let st_type = sym.st_type();
         let kind = match st_type {
@@ -154,8 +153,6 @@ fn read_table(
             source,
         });
     }
-    // Silence an unused import on some configurations.
-    let _ = file.elf_section_table().iter().next().map(|s| s.sh_type(endian));
 }
 
 impl SymbolTable {

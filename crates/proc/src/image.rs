@@ -10,7 +10,7 @@ use relive_elf::{
 };
 use relive_unwind::{UnwindModule, Unwinder};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// How a module's bytes were obtained.
@@ -175,7 +175,7 @@ impl ProcessImage {
                 Ok(x) => x,
                 Err(e) if e.is_target_died() => return Err(e),
                 Err(e) => {
-                    tracing_warn(&format!("skipping {}: {e}", m.path));
+                    tracing::warn!(pid, object = %m.path, "skipping an object relive cannot read: {e}");
                     continue;
                 }
             };
@@ -323,15 +323,4 @@ pub enum ResolveInImageError {
     },
     #[error(transparent)]
     Symbol(#[from] relive_elf::ResolveError),
-}
-
-fn tracing_warn(msg: &str) {
-    if std::env::var_os("RELIVE_DEBUG").is_some() {
-        eprintln!("relive-proc: {msg}");
-    }
-}
-
-/// Whether `path` exists (helper for callers checking debug dirs).
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }
