@@ -23,7 +23,8 @@ RELIVE_FUNC("exe", greet, 0, greet_v2);
 
 static int pre_calls;
 int hello_fix_pre_patch(void) { return pre_calls++; }
-int hello_fix_post_patch(void) { return 0; }
+/* Returns the target's greet_calls through the import slot, or -1 while the slot is empty. */
+int hello_fix_post_patch(void) { return p_greet_calls ? *p_greet_calls : -1; }
 RELIVE_CALLBACK("exe", pre_patch, hello_fix_pre_patch);
 RELIVE_CALLBACK("exe", post_patch, hello_fix_post_patch);
 

@@ -1,7 +1,8 @@
 // The target of the example patches (examples/rust-hello-patch, examples/c-hello-patch).
 // greet() is the function they replace; greet_calls is a non-exported variable they import.
 // Main thread: reads commands on stdin ("greet N" prints "greet N -> <greet(N)>", "rss" prints
-// VmRSS in kB, "fds" prints the number of open fds, "threads" the number of threads).
+// VmRSS in kB, "fds" prints the number of open fds, "threads" the number of threads, "addr" the
+// address of greet_calls).
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <stdio.h>
@@ -45,7 +46,9 @@ int main(void) {
         if (sscanf(line, "greet %d", &n) == 1) {
             int r = greet(n);
             printf("greet %d -> %d calls=%d\n", n, r, greet_calls);
-        } else if (!strncmp(line, "rss", 3)) printf("rss %ld\n", rss_kb());
+        } else if (!strncmp(line, "addr", 4))
+            printf("addr %lu\n", (unsigned long)&greet_calls); /* for import-slot tests */
+        else if (!strncmp(line, "rss", 3)) printf("rss %ld\n", rss_kb());
         else if (!strncmp(line, "fds", 3)) printf("fds %d\n", count_dir("/proc/self/fd"));
         else if (!strncmp(line, "threads", 7)) printf("threads %d\n", count_dir("/proc/self/task"));
         else if (!strncmp(line, "quit", 4)) return 0;

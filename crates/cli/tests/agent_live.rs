@@ -381,7 +381,7 @@ fn serial_t_d4_7_load_unload_1000_no_leaks() {
     let mut c = AgentConn::open(&loc, Duration::from_secs(5)).unwrap();
     let cycle = |c: &mut AgentConn| {
         let lib = c.load_bytes("hello_fix.so", &bytes).unwrap();
-        assert_eq!(c.callback(lib.handle, "hello_fix_post_patch").unwrap(), 0);
+        assert_eq!(c.callback(lib.handle, "hello_fix_post_patch").unwrap(), -1);
         c.unload(lib.handle).unwrap();
     };
     for _ in 0..20 {
@@ -484,7 +484,7 @@ fn t_d4_7_fork_child_gets_own_agent() {
     let lib = c
         .load_bytes("hello_fix.so", &std::fs::read(c_patch()).unwrap())
         .unwrap();
-    assert_eq!(c.callback(lib.handle, "hello_fix_post_patch").unwrap(), 0);
+    assert_eq!(c.callback(lib.handle, "hello_fix_post_patch").unwrap(), -1);
     let mut pc = AgentConn::open(&agent::find_agent(t.pid()).unwrap(), Duration::from_secs(5)).unwrap();
     assert!(
         pc.list().unwrap().is_empty(),
@@ -527,4 +527,77 @@ fn serial_t_d4_8_status_lists_all_agents() {
         s.contains(&format!("pid {}: agent v1 (ready), preloaded", a.pid())),
         "{s}"
     );
+}
+
+/// Import slots (DESIGN §4.9): the agent writes the address of a non-exported target variable into
+/// the patch's exported slot; the patch's code then reads the target's variable through it.
+#[test]
+fn t_d4_9_import_slot_written_by_agent() {
+    let mut t = hello(true);
+    let pid = t.pid();
+    let greet_calls = ask(&mut t, "addr") as u64;
+    send(&mut t, "greet 5");
+    assert_eq!(
+        line_with(&t, "greet", Duration::from_secs(5)),
+        "greet 5 -> 6 calls=1"
+    );
+    let loc = agent::find_agent(pid).unwrap();
+    let mut c = AgentConn::open(&loc, Duration::from_secs(5)).unwrap();
+    let lib = c
+        .load_bytes("hello_fix.so", &std::fs::read(c_patch()).unwrap())
+        .unwrap();
+    assert_eq!(
+        c.callback(lib.handle, "hello_fix_post_patch").unwrap(),
+        -1,
+        "slot empty before"
+    );
+    c.set_import(lib.handle, "p_greet_calls", greet_calls).unwrap();
+    let slot = c.dlsym(lib.handle, "p_greet_calls").unwrap();
+    let mut b = [0u8; 8];
+    agent::read_mem(pid, slot, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), greet_calls);
+    assert_eq!(
+        c.callback(lib.handle, "hello_fix_post_patch").unwrap(),
+        1,
+        "reads the target's greet_calls"
+    );
+    let e = c
+        .set_import(lib.handle, "no_such_slot", 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no_such_slot") && e.contains(&pid.to_string()), "{e}");
+}
+
+/// The agent library is looked up next to the relive binary or through RELIVE_AGENT; when it is
+/// nowhere, the error lists every path tried.
+#[test]
+fn t_d4_6_missing_agent_lists_paths_tried() {
+    let t = {
+        let exe = compile_c(
+            "agent_target",
+            &["agent_target.c"],
+            &["-O2", "-g", "-pthread", "-fcf-protection"],
+        );
+        spawn(Command::new(exe))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("relive");
+    std::fs::copy(assert_cmd::cargo::cargo_bin("relive"), &bin).unwrap();
+    let out = Command::new(&bin)
+        .args(["load", &t.pid().to_string()])
+        .arg(c_patch())
+        .env("RELIVE_AGENT", "/nonexistent/librelive_agent.so")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/librelive_agent.so (from RELIVE_AGENT)"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&dir.path().join("librelive_agent.so").display().to_string()),
+        "{err}"
+    );
+    assert!(agent::find_agent(t.pid()).is_err(), "nothing was injected");
 }

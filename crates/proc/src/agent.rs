@@ -39,6 +39,10 @@ pub enum AgentError {
         source: layout::RegistryError,
     },
     #[error(
+        "the agent in pid {pid} is mapped but its constructor has not run yet (it is being loaded); retry in a moment"
+    )]
+    Initializing { pid: i32 },
+    #[error(
         "registry of pid {pid} at {addr:#x} kept changing during {tries} reads; retry (is a controller writing it in a loop?)"
     )]
     RegistryBusy { pid: i32, addr: u64, tries: u32 },
@@ -307,6 +311,10 @@ pub fn read_registry(loc: &AgentLocation) -> Result<Snapshot> {
         }
         buf.resize(layout::HEADER_SIZE, 0);
         read_mem(pid, addr, &mut buf).map_err(|e| io_err(pid, "the registry", e))?;
+        if g1 == 0 && buf.iter().all(|&b| b == 0) {
+            // Zero-filled .bss: mapped by dlopen, constructor not run yet.
+            return Err(AgentError::Initializing { pid });
+        }
         let h = match layout::decode_header(&buf) {
             Ok(h) => h,
             Err(_) if layout::generation_of(&buf).ok() != Some(g1) => continue,
@@ -344,7 +352,13 @@ pub fn read_registry(loc: &AgentLocation) -> Result<Snapshot> {
 pub fn wait_ready(loc: &AgentLocation, timeout: Duration) -> Result<Header> {
     let start = Instant::now();
     loop {
-        let s = read_registry(loc)?;
+        let s = match read_registry(loc) {
+            Err(AgentError::Initializing { .. }) if start.elapsed() <= timeout => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            r => r?,
+        };
         if s.header.flags & layout::FLAG_READY != 0 && s.header.agent_pid == loc.pid as u32 {
             return Ok(s.header);
         }

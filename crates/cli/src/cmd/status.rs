@@ -108,7 +108,20 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
                 }
                 Err(e) => return Err(anyhow::Error::new(e).into()),
             };
-            let s = status_of(&loc).map_err(anyhow::Error::new)?;
+            let s = match status_of(&loc) {
+                Ok(s) => s,
+                Err(AgentError::Initializing { .. }) => {
+                    // An injection is under way (or its controller died mid-call and the target
+                    // finishes the dlopen on its own): not an error.
+                    if ctx.json {
+                        ctx.print_json(&serde_json::json!({ "pid": pid, "agent": "initializing" }));
+                    } else {
+                        println!("pid {pid}: relive agent mapped, still initialising (being loaded); retry");
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(anyhow::Error::new(e).into()),
+            };
             if ctx.json {
                 ctx.print_json(&serde_json::json!({ "pid": pid, "agent": s }));
             } else {
