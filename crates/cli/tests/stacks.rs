@@ -698,6 +698,24 @@ fn serial_t_stacks_under_thread_churn() {
     }
 }
 
+/// Errors: a thread another tracer holds (a debugger): the message names that tracer.
+#[test]
+fn t_error_thread_already_traced_names_the_tracer() {
+    let target = spawn_threads(&VARIANTS[0], &["blocked-only"]);
+    let pid = target.pid();
+    let tid = wait_blocked(pid, &["sleeper"])["sleeper"];
+    let held = relive_proc::stop_thread(pid, tid).unwrap();
+    let (code, _, err) = run_relive(&["stacks", &pid.to_string(), "--tid", &tid.to_string()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("already traced by pid"),
+        "{err}"
+    );
+    held.resume().unwrap();
+    let v = stacks_json(pid, &["--tid", &tid.to_string()]);
+    assert_reliable(thread(&v, "sleeper"));
+}
+
 /// Errors: a pid that does not exist.
 #[test]
 fn t_error_no_such_pid() {

@@ -73,7 +73,7 @@ impl ProcError {
                 pid,
                 tid,
                 op,
-                hint: permission_hint(pid),
+                hint: permission_hint_for(pid, tid),
             },
             Some(libc::ENOENT) if !process_exists(pid) => ProcError::NoSuchProcess { pid },
             _ => ProcError::Os { pid, tid, op, source },
@@ -144,7 +144,11 @@ pub fn process_exists(pid: i32) -> bool {
 
 /// The tracer of `pid` from `/proc/PID/status` (`TracerPid:`), 0 if none.
 pub fn tracer_pid(pid: i32) -> Option<i32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    tracer_of(&format!("/proc/{pid}/status"))
+}
+
+fn tracer_of(status_path: &str) -> Option<i32> {
+    let s = std::fs::read_to_string(status_path).ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix("TracerPid:"))
         .and_then(|v| v.trim().parse().ok())
@@ -153,13 +157,27 @@ pub fn tracer_pid(pid: i32) -> Option<i32> {
 /// What to do about EPERM/EACCES on `pid`: names root, CAP_SYS_PTRACE, Yama's ptrace_scope, a
 /// container's `--cap-add=SYS_PTRACE`, and another tracer if one is attached.
 pub fn permission_hint(pid: i32) -> String {
+    permission_hint_for(pid, None)
+}
+
+/// [`permission_hint`] for thread `tid` of `pid`: names the thread's tracer, if another process
+/// traces it.
+pub fn permission_hint_for(pid: i32, tid: Option<i32>) -> String {
     let mut parts = Vec::new();
-    if let Some(t) = tracer_pid(pid)
+    let status = match tid {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    if let Some(t) = tracer_of(&status)
         && t != 0
         && t != std::process::id() as i32
     {
+        let who = match tid {
+            Some(x) if x != pid => format!("thread {x} of pid {pid}"),
+            _ => format!("pid {pid}"),
+        };
         parts.push(format!(
-            "pid {pid} is already traced by pid {t} (a debugger or strace?); detach it first"
+            "{who} is already traced by pid {t} (a debugger or strace?); detach it first"
         ));
     }
     // SAFETY: geteuid has no preconditions and cannot fail.

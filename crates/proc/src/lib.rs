@@ -16,7 +16,7 @@ pub mod ptrace;
 pub mod stacks;
 pub mod threads;
 
-pub use error::{ProcError, Result, permission_hint, process_exists};
+pub use error::{ProcError, Result, permission_hint, permission_hint_for, process_exists};
 pub use image::{ImageOptions, LoadedModule, ProcessImage, Symbolized};
 pub use mem::{
     PageCacheReader, read_memory, read_memory_partial, read_u64, write_code, write_code_via, write_data,
