@@ -649,8 +649,8 @@ fn t_d41_job_control_stopped_process_stays_stopped() {
         }
     };
     assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
+        Command::new("sh")
+            .args(["-c", &format!("kill -STOP {pid}")])
             .status()
             .unwrap()
             .success()
@@ -660,8 +660,8 @@ fn t_d41_job_control_stopped_process_stays_stopped() {
     assert_reliable(thread(&v, "sleeper"));
     wait_all('T');
     assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
+        Command::new("sh")
+            .args(["-c", &format!("kill -CONT {pid}")])
             .status()
             .unwrap()
             .success()
