@@ -13,6 +13,7 @@ pub mod error;
 pub mod image;
 pub mod mem;
 pub mod ptrace;
+pub mod snapshot;
 pub mod stacks;
 pub mod threads;
 

@@ -6,11 +6,11 @@
 
 use crate::error::{ProcError, Result};
 use crate::threads::list_threads_once;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 /// The general registers of a thread (`struct user_regs_struct`), including `fs_base`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Regs {
     pub r15: u64,
     pub r14: u64,

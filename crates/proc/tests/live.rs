@@ -238,3 +238,40 @@ fn serial_t_d41_stop_all_under_thread_churn() {
         std::thread::yield_now();
     }
 }
+
+/// DESIGN §6 replay tier: a snapshot (registers, the pages the unwind read, modules by build-id)
+/// unwinds offline, after the process is gone, to exactly the live stacks; it survives JSON.
+#[test]
+fn t_replay_of_a_captured_snapshot() {
+    let exe = compile_c(
+        "stacks_threads_nopie_g",
+        &["stacks_threads.c"],
+        &[
+            "-O2",
+            "-fomit-frame-pointer",
+            "-fno-pie",
+            "-no-pie",
+            "-g",
+            "-pthread",
+        ],
+    );
+    let target = spawn_target(&exe, &["blocked-only"], "ready");
+    let pid = target.pid();
+    let tids = list_threads(pid).unwrap();
+    wait_state(pid, &tids, |s| s == 'S');
+    let image = ProcessImage::load(pid, &ImageOptions::default()).unwrap();
+    let mut unwinder = image.unwinder();
+    let (snap, live) = relive_proc::snapshot::capture(&image, &mut unwinder, &tids, 100).unwrap();
+    assert_eq!(live.len(), tids.len());
+    assert!(
+        live.iter().filter(|s| s.verdict.is_reliable()).count() >= tids.len() - 1,
+        "{live:?}"
+    );
+    drop(target);
+    let json = serde_json::to_string(&snap).unwrap();
+    let back: relive_proc::snapshot::Snapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, snap);
+    let mut offline = back.unwinder(|m| std::fs::read(&m.path).ok()).unwrap();
+    let replayed = back.replay(&mut offline);
+    assert_eq!(replayed, live);
+}
