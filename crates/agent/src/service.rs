@@ -66,13 +66,14 @@ fn poll_in(fd: i32, timeout_ms: i32) -> bool {
     }
 }
 
-/// Reads exactly `buf.len()` bytes; `first_wait` decides whether to wait forever for the first byte.
-/// Returns false when the bytes stopped arriving for `FRAME_TIMEOUT_MS`.
-fn read_exact(fd: i32, buf: &mut [u8], first_wait: bool) -> bool {
-    let mut got = 0;
+/// Reads until `buf` holds at least `n` bytes. Waits forever while `buf` is empty and
+/// `first_wait` is set; otherwise returns false when bytes stop arriving for `FRAME_TIMEOUT_MS`
+/// (a controller that died mid-frame).
+fn fill(fd: i32, buf: &mut Vec<u8>, n: usize, first_wait: bool) -> bool {
     let mut last = Instant::now();
-    while got < buf.len() {
-        let wait = if got == 0 && first_wait {
+    let mut chunk = [0u8; 16 * 1024];
+    while buf.len() < n {
+        let wait = if buf.is_empty() && first_wait {
             -1
         } else {
             proto::FRAME_TIMEOUT_MS as i32
@@ -80,10 +81,11 @@ fn read_exact(fd: i32, buf: &mut [u8], first_wait: bool) -> bool {
         if !poll_in(fd, wait) && last.elapsed() >= Duration::from_millis(proto::FRAME_TIMEOUT_MS) {
             return false;
         }
-        // SAFETY: reading into the unfilled tail of `buf`.
-        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr() as *mut libc::c_void, buf.len() - got) };
-        if n > 0 {
-            got += n as usize;
+        let want = (n - buf.len()).min(chunk.len());
+        // SAFETY: reading into a local buffer of at least `want` bytes.
+        let r = unsafe { libc::read(fd, chunk.as_mut_ptr() as *mut libc::c_void, want) };
+        if r > 0 {
+            buf.extend_from_slice(&chunk[..r as usize]);
             last = Instant::now();
         }
     }
@@ -125,36 +127,51 @@ fn send(c: &Channel, frame: &[u8]) {
 }
 
 /// The service thread's loop: one request at a time, forever.
+///
+/// Resynchronisation: bytes that do not start with the frame magic are skipped up to the next
+/// possible magic (garbage, or the tail of a frame whose header was rejected); a header with the
+/// magic but a bad version or length is answered with an error and its magic skipped; a frame whose
+/// bytes stop arriving is dropped after `FRAME_TIMEOUT_MS`. Nothing malformed is ever acted on, and
+/// the next well-formed frame is always found.
 pub fn serve(c: Channel) -> ! {
-    let mut hdr = [0u8; FRAME_HEADER];
-    let mut payload = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        if !read_exact(c.req_read, &mut hdr, true) {
+        if !fill(c.req_read, &mut buf, FRAME_HEADER, true) {
+            buf.clear();
             continue;
         }
-        let h = match proto::decode_frame_header(&hdr) {
+        if buf[..4] != proto::FRAME_MAGIC {
+            let skip = buf[1..]
+                .iter()
+                .position(|&b| b == proto::FRAME_MAGIC[0])
+                .map_or(buf.len(), |p| p + 1);
+            buf.drain(..skip);
+            continue;
+        }
+        let h = match proto::decode_frame_header(&buf[..FRAME_HEADER]) {
             Ok(h) => h,
             Err(e) => {
-                // The stream is out of step (garbage or a dead controller's partial frame): drop
-                // everything buffered and tell whoever is listening.
-                drain(c.req_read);
-                let seq = u32::from_le_bytes(hdr[8..12].try_into().expect("4"));
+                let seq = u32::from_le_bytes(buf[8..12].try_into().expect("4"));
+                buf.drain(..4);
+                let msg = format!("malformed request: {e}");
                 send(
                     &c,
                     &Response::Error {
                         errno: libc::EPROTO,
-                        message: format!("malformed request: {e}"),
+                        message: msg,
                     }
                     .encode(seq),
                 );
                 continue;
             }
         };
-        payload.resize(h.payload_len as usize, 0);
-        if !read_exact(c.req_read, &mut payload, false) {
+        let total = FRAME_HEADER + h.payload_len as usize;
+        if !fill(c.req_read, &mut buf, total, false) {
+            buf.clear();
             continue;
         }
-        let resp = match Request::decode(h.kind, &payload) {
+        let frame: Vec<u8> = buf.drain(..total).collect();
+        let resp = match Request::decode(h.kind, &frame[FRAME_HEADER..]) {
             Ok(req) => crate::ops::handle(req),
             Err(e) => Response::Error {
                 errno: libc::EPROTO,

@@ -9,88 +9,36 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-// ---- a Rust target: this test binary itself, re-executed with RELIVE_TEST_RUST_TARGET=1 -------
+// ---- a Rust target: tests/targets/agent_rust_target.rs, compiled with rustc -------------------
 
-/// Runs before libtest's main (from `.init_array`): when the variable is set, this process is the
-/// Rust target and never returns to the test harness.
-extern "C" fn rust_target_entry() {
-    if std::env::var_os("RELIVE_TEST_RUST_TARGET").is_some() {
-        rust_target_main();
+/// Compiles the Rust target once per content (like relive_testkit::compile_c).
+fn rust_target() -> std::path::PathBuf {
+    use std::hash::{Hash, Hasher};
+    let src = relive_testkit::targets_dir().join("agent_rust_target.rs");
+    let text = std::fs::read(&src).unwrap();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    let out = relive_testkit::fixtures_out().join(format!("agent_rust_target-{:016x}", h.finish()));
+    if !out.exists() {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let st = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+            .args([
+                "--edition",
+                "2024",
+                "-C",
+                "opt-level=2",
+                "-C",
+                "debuginfo=1",
+                "-o",
+            ])
+            .arg(&tmp)
+            .arg(&src)
+            .status()
+            .expect("run rustc");
+        assert!(st.success(), "compiling {} failed", src.display());
+        std::fs::rename(&tmp, &out).unwrap();
     }
-}
-
-#[used]
-#[unsafe(link_section = ".init_array")]
-static RUST_TARGET_INIT: extern "C" fn() = rust_target_entry;
-
-/// Like tests/targets/agent_target.c, in Rust: a thread sleeping 2 s with magic values in
-/// xmm8–xmm15 (raw syscall), a std::thread::sleep thread, a busy thread, an allocating thread; the
-/// main thread reads stdin.
-fn rust_target_main() -> ! {
-    std::thread::spawn(|| {
-        let magic: [u64; 16] = core::array::from_fn(|i| 0x0101_0101_0101_0101u64.wrapping_mul(i as u64 + 1));
-        loop {
-            let mut out = [0u64; 16];
-            let ts = [2i64, 0];
-            let t0 = Instant::now();
-            let ret: i64;
-            // SAFETY: loads/stores 128 bytes from/to local arrays and makes a nanosleep syscall on
-            // a local timespec; every register touched is declared.
-            unsafe {
-                core::arch::asm!(
-                    "movdqu xmm8, [{i}]", "movdqu xmm9, [{i}+16]", "movdqu xmm10, [{i}+32]",
-                    "movdqu xmm11, [{i}+48]", "movdqu xmm12, [{i}+64]", "movdqu xmm13, [{i}+80]",
-                    "movdqu xmm14, [{i}+96]", "movdqu xmm15, [{i}+112]",
-                    "syscall",
-                    "movdqu [{o}], xmm8", "movdqu [{o}+16], xmm9", "movdqu [{o}+32], xmm10",
-                    "movdqu [{o}+48], xmm11", "movdqu [{o}+64], xmm12", "movdqu [{o}+80], xmm13",
-                    "movdqu [{o}+96], xmm14", "movdqu [{o}+112], xmm15",
-                    i = in(reg) magic.as_ptr(), o = in(reg) out.as_mut_ptr(),
-                    inlateout("rax") 35i64 => ret, in("rdi") ts.as_ptr(), in("rsi") 0usize,
-                    out("rcx") _, out("r11") _, out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-                    out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-                );
-            }
-            let ok = out == magic;
-            println!(
-                "simd-sleep elapsed={:.1} ret={ret} xmm={}",
-                t0.elapsed().as_secs_f64() * 1e3,
-                if ok { "ok" } else { "CLOBBERED" }
-            );
-        }
-    });
-    std::thread::spawn(|| {
-        loop {
-            let t0 = Instant::now();
-            std::thread::sleep(Duration::from_secs(2));
-            println!("sleep elapsed={:.1}", t0.elapsed().as_secs_f64() * 1e3);
-        }
-    });
-    std::thread::spawn(|| {
-        let mut x = 0u64;
-        loop {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-        }
-    });
-    std::thread::spawn(|| {
-        let mut keep: Vec<Vec<u8>> = Vec::new();
-        for i in 0u64.. {
-            keep.push(vec![i as u8; 16 + (i as usize * 7919) % 4000]);
-            if keep.len() > 64 {
-                keep.remove(0);
-            }
-        }
-    });
-    println!("ready pid={}", std::process::id());
-    let mut line = String::new();
-    while std::io::stdin()
-        .read_line(&mut line)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
-        line.clear();
-    }
-    std::process::exit(0)
+    out
 }
 
 // ---- helpers -----------------------------------------------------------------------------------
@@ -186,9 +134,7 @@ fn tracer_pid(pid: i32) -> i32 {
 /// hijacked 2 s sleeps still take 2 s, xmm8–15 intact.
 #[test]
 fn serial_t_d4_6_inject_rust_target() {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.env("RELIVE_TEST_RUST_TARGET", "1");
-    let t = spawn(cmd);
+    let t = spawn(Command::new(rust_target()));
     let pid = t.pid();
     line_with(&t, "simd-sleep", Duration::from_secs(5));
     // Hijack 1 s into the 2 s sleep: an exact restart gives 2 s, a re-issued sleep (the fallback
@@ -600,4 +546,63 @@ fn t_d4_6_missing_agent_lists_paths_tried() {
         "{err}"
     );
     assert!(agent::find_agent(t.pid()).is_err(), "nothing was injected");
+}
+
+/// DESIGN §4.7: the agent rejects malformed input and survives a controller that dies mid-frame:
+/// garbage, an unknown version, an over-long payload and a truncated frame each leave the channel
+/// usable, and the agent never acts on them.
+#[test]
+fn t_d4_7_agent_rejects_malformed_input() {
+    use relive_abi::proto::{self, Request};
+    let t = hello(true);
+    let pid = t.pid();
+    let loc = agent::find_agent(pid).unwrap();
+    let h = agent::wait_ready(&loc, Duration::from_secs(5)).unwrap();
+    let raw = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/fd/{}", h.req_fd))
+            .unwrap()
+    };
+    let ping = || {
+        let mut c = AgentConn::open(&loc, Duration::from_secs(5)).unwrap();
+        c.timeout = Duration::from_secs(5);
+        assert_eq!(c.ping().unwrap(), relive_abi::AGENT_VERSION);
+    };
+    // Garbage.
+    raw().write_all(&[0x55; 100]).unwrap();
+    ping();
+    // A frame of an unknown protocol version.
+    let mut f = Request::Ping.encode(1);
+    f[4] = 99;
+    raw().write_all(&f).unwrap();
+    ping();
+    // A payload length over the limit.
+    let mut f = Request::Ping.encode(2);
+    f[12..16].copy_from_slice(&((proto::MAX_PAYLOAD as u32) + 1).to_le_bytes());
+    raw().write_all(&f).unwrap();
+    ping();
+    // A well-formed header whose payload is malformed (unknown kind, trailing bytes).
+    let mut f = Request::Unload { handle: 1 }.encode(3);
+    f[6] = 77;
+    raw().write_all(&f).unwrap();
+    ping();
+    // A controller that dies half-way through a frame: the agent drops it after FRAME_TIMEOUT_MS.
+    let f = Request::LoadPath {
+        path: "/nonexistent.so".into(),
+    }
+    .encode(4);
+    raw().write_all(&f[..f.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(proto::FRAME_TIMEOUT_MS + 200));
+    ping();
+    let mut c = AgentConn::open(&loc, Duration::from_secs(5)).unwrap();
+    assert!(
+        c.list().unwrap().is_empty(),
+        "nothing was loaded by the malformed requests"
+    );
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .contains("relive_agent")
+    );
 }
