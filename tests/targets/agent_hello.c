@@ -2,9 +2,11 @@
 // greet() is the function they replace; greet_calls is a non-exported variable they import.
 // Main thread: reads commands on stdin ("greet N" prints "greet N -> <greet(N)>", "rss" prints
 // VmRSS in kB, "fds" prints the number of open fds, "threads" the number of threads, "addr" the
-// address of greet_calls).
+// address of greet_calls, "spawn" starts a thread that prints the agent's TLS state slot).
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +17,15 @@ static int greet_calls;
 __attribute__((noinline)) int greet(int n) {
     greet_calls++;
     return n + 1;
+}
+
+/* A new thread reports the agent's TLS state slot as it starts (from the TLS init image). */
+static void *report_state(void *arg) {
+    (void)arg;
+    unsigned long (*f)(void) = (unsigned long (*)(void))dlsym(RTLD_DEFAULT, "relive_agent_thread_state");
+    printf("state %ld\n", f ? (long)f() : -1L);
+    fflush(stdout);
+    return NULL;
 }
 
 static int count_dir(const char *path) {
@@ -46,6 +57,10 @@ int main(void) {
         if (sscanf(line, "greet %d", &n) == 1) {
             int r = greet(n);
             printf("greet %d -> %d calls=%d\n", n, r, greet_calls);
+        } else if (!strncmp(line, "spawn", 5)) {
+            pthread_t t;
+            pthread_create(&t, NULL, report_state, NULL);
+            pthread_join(t, NULL);
         } else if (!strncmp(line, "addr", 4))
             printf("addr %lu\n", (unsigned long)&greet_calls); /* for import-slot tests */
         else if (!strncmp(line, "rss", 3)) printf("rss %ld\n", rss_kb());

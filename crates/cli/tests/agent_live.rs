@@ -606,3 +606,27 @@ fn t_d4_7_agent_rejects_malformed_input() {
             .contains("relive_agent")
     );
 }
+
+/// DESIGN §4.2: the registry's `tls_image_addr` is the slot's byte in the TLS init image: written
+/// through /proc/PID/mem (it lies in RELRO), it is the state every new thread starts with.
+#[test]
+fn t_d4_2_tls_init_image_sets_new_threads_state() {
+    use std::os::unix::fs::FileExt;
+    let mut t = hello(true);
+    let pid = t.pid();
+    let loc = agent::find_agent(pid).unwrap();
+    let h = agent::wait_ready(&loc, Duration::from_secs(5)).unwrap();
+    send(&mut t, "spawn");
+    assert_eq!(line_with(&t, "state", Duration::from_secs(5)), "state 0");
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .unwrap();
+    mem.write_all_at(&7u64.to_le_bytes(), h.tls_image_addr).unwrap();
+    send(&mut t, "spawn");
+    assert_eq!(line_with(&t, "state", Duration::from_secs(5)), "state 7");
+    mem.write_all_at(&0u64.to_le_bytes(), h.tls_image_addr).unwrap();
+    send(&mut t, "spawn");
+    assert_eq!(line_with(&t, "state", Duration::from_secs(5)), "state 0");
+}
