@@ -89,7 +89,7 @@ fn serial_t_d4_6_inject_100_times_sleeps_exact_and_simd_intact() {
         let l = line_with(&t, "simd-sleep", Duration::from_secs(6));
         let el: f64 = field(&l, "elapsed").parse().unwrap();
         // Upper bound: wake-up latency on a loaded 2-CPU machine (a re-issued sleep is ≥ 2600).
-        assert!((1995.0..2500.0).contains(&el), "hijacked sleep took {el} ms: {l}");
+        assert!((1995.0..2590.0).contains(&el), "hijacked sleep took {el} ms: {l}");
         assert_eq!(field(&l, "xmm"), "ok", "{l}");
         assert_eq!(field(&l, "ret"), "0", "{l}");
     }
