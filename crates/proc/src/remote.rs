@@ -839,6 +839,18 @@ fn unsafe_frames(
     None
 }
 
+/// `TracerPid` of a thread (0 if none or unreadable).
+fn tracer_of(pid: i32, tid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn is_libc(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
     base.starts_with("libc.so") || base.starts_with("libc-2")
@@ -1030,6 +1042,16 @@ pub fn inject_library_with(
                     }
                 }
                 Err(InjectError::TargetDied { .. }) if crate::agent::read_maps(pid).is_ok() => {} // that thread exited
+                // Another tracer (a debugger, another relive) holds this thread: try the others.
+                // EPERM with no tracer is a permission problem: report it at once.
+                Err(InjectError::Ptrace {
+                    op: "SEIZE", source, ..
+                }) if source.raw_os_error() == Some(libc::EPERM) && tracer_of(pid, *tid) != 0 => {
+                    let tracer = tracer_of(pid, *tid);
+                    if let Some(s) = seen.iter_mut().find(|s| s.starts_with(&format!("{tid} "))) {
+                        *s = format!("{s}, already traced by pid {tracer}");
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
