@@ -39,6 +39,7 @@ const VOLATILE: &[&str] = &[
     "switched",
     "state",
     "state_name",
+    "pending",
 ];
 
 fn redact(v: &mut Value) {
@@ -220,6 +221,8 @@ fn serial_t_issue7_json_of_a_pending_transition() {
         4,
     );
     assert_eq!(r["outcome"], "pending");
+    let st = snap("status_pending", Some(pid), &["status", &p], 0);
+    assert_eq!(st["agent"]["transition"]["patch"], "json_s", "{st}");
     snap(
         "transition_timeout",
         Some(pid),

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 pub const EXAMPLES: &str = "Examples:
   relive status                   every process that has the relive agent loaded
-  relive status 1234              the agent and registry of pid 1234
+  relive status 1234              the agent, active patches and pending transition of pid 1234
   relive status 1234 --json       the same as JSON";
 
 #[derive(Debug, clap::Args)]
@@ -37,12 +37,73 @@ pub struct AgentStatus {
     pub body_version: u32,
     pub body_len: u32,
     pub body_capacity: u32,
+    /// The active patches, in stack order (from the driver's document in the registry body).
+    pub patches: Vec<PatchStatus>,
+    /// The pending transition, if any.
+    pub transition: Option<TransitionStatus>,
+}
+
+/// One active patch, as `relive status` shows it.
+#[derive(Debug, Serialize)]
+pub struct PatchStatus {
+    pub name: String,
+    pub path: String,
+    pub enabled: bool,
+    pub in_transition: bool,
+    pub replace: bool,
+    pub stacking: bool,
+    pub forced: bool,
+    /// `<object>/<name>,<sympos>` of every function it replaces.
+    pub funcs: Vec<String>,
+}
+
+/// The pending transition.
+#[derive(Debug, Serialize)]
+pub struct TransitionStatus {
+    pub patch: String,
+    /// patched | unpatched
+    pub target: String,
+    pub threads: usize,
+    pub pending: usize,
+}
+
+/// The patches and transition of the driver's document (empty when no patch was ever applied).
+fn patches_of(body_version: u32, body: &[u8]) -> (Vec<PatchStatus>, Option<TransitionStatus>) {
+    if body.is_empty() || body_version != crate::driver::doc::BODY_VERSION {
+        return (vec![], None);
+    }
+    let Ok(doc) = serde_json::from_slice::<crate::driver::doc::Doc>(body) else {
+        return (vec![], None);
+    };
+    let m = &doc.model;
+    let patches = m
+        .patches()
+        .iter()
+        .map(|p| PatchStatus {
+            name: p.name.clone(),
+            path: doc.patch(&p.name).map(|r| r.path.clone()).unwrap_or_default(),
+            enabled: p.enabled,
+            in_transition: m.in_transition(&p.name),
+            replace: p.replace,
+            stacking: p.stacking,
+            forced: p.forced,
+            funcs: p.funcs().map(|(_, f)| f.id.to_string()).collect(),
+        })
+        .collect();
+    let transition = m.transition().map(|t| TransitionStatus {
+        patch: t.patch.clone(),
+        target: crate::driver::switch::target_word(t.target).into(),
+        threads: m.threads().len(),
+        pending: m.pending().len(),
+    });
+    (patches, transition)
 }
 
 /// Reads one process's registry.
 pub fn status_of(loc: &AgentLocation) -> Result<AgentStatus, AgentError> {
     let s = agent::read_registry(loc)?;
     let h = s.header;
+    let (patches, transition) = patches_of(h.body_version, &s.body);
     Ok(AgentStatus {
         pid: loc.pid,
         agent_path: loc.path.clone(),
@@ -61,6 +122,8 @@ pub fn status_of(loc: &AgentLocation) -> Result<AgentStatus, AgentError> {
         body_version: h.body_version,
         body_len: h.body_len,
         body_capacity: h.body_capacity,
+        patches,
+        transition,
     })
 }
 
@@ -90,6 +153,38 @@ fn render(s: &AgentStatus) -> String {
         "  registry       generation {}, body v{} {} of {} bytes\n",
         s.generation, s.body_version, s.body_len, s.body_capacity
     );
+    if s.patches.is_empty() {
+        out += "  patches        none\n";
+    }
+    for p in &s.patches {
+        let flags: Vec<&str> = [
+            (p.in_transition, "in transition"),
+            (p.replace, "replace"),
+            (p.stacking, "stacking"),
+            (p.forced, "forced"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, w)| *w)
+        .collect();
+        out += &format!(
+            "  patch          {}{} ({}): {}\n",
+            p.name,
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", flags.join(", "))
+            },
+            p.path,
+            p.funcs.join(" ")
+        );
+    }
+    if let Some(t) = &s.transition {
+        out += &format!(
+            "  transition     {} -> {}: {} of {} threads pending (`relive transition {}` drives it)\n",
+            t.patch, t.target, t.pending, t.threads, s.pid
+        );
+    }
     out
 }
 
