@@ -150,6 +150,9 @@ fn serial_t_issue7_readme_quick_start_runs_as_written() {
     assert!(out.contains("apply of patch c-fix in pid"), "{out}");
     assert!(out.contains("apply of patch rust-fix in pid"), "{out}");
     assert!(out.contains("disable of patch rust-fix in pid"), "{out}");
+    // `relive status` after the cumulative Rust patch: it alone is active (SPEC R1: c-fix was replaced).
+    assert!(out.contains("patch          rust-fix [replace]"), "{out}");
+    assert!(!out.contains("patch          c-fix"), "{out}");
 }
 
 /// Issue 7: `relive --help` and every subcommand's `--help` (hidden debug ones too) end with examples that
