@@ -482,7 +482,10 @@ impl AgentConn {
             std::thread::sleep(Duration::from_millis(2));
         }
         // A fresh random-ish start so answers meant for an earlier controller never match.
-        let seq = (std::process::id() << 16) ^ (Instant::now().elapsed().subsec_nanos() & 0xffff) ^ 0x5a5a;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let seq = (std::process::id() << 16) ^ nanos;
         Ok(AgentConn {
             pid,
             req,
