@@ -40,6 +40,13 @@ const VOLATILE: &[&str] = &[
     "state",
     "state_name",
     "pending",
+    "service_pid",
+    "workdir",
+    "served_before",
+    "served_while_patched",
+    "served_after",
+    "apply_ms",
+    "disable_ms",
 ];
 
 fn redact(v: &mut Value) {
@@ -230,4 +237,11 @@ fn serial_t_issue7_json_of_a_pending_transition() {
         4,
     );
     snap("disable_reverse", Some(pid), &["disable", &p, "json_s"], 0);
+}
+
+/// `relive demo --json`: its findings (narration stays on stderr).
+#[test]
+fn serial_t_issue7_json_of_demo() {
+    let v = snap("demo", None, &["demo"], 0);
+    assert!(v["served_while_patched"].as_u64().is_some_and(|n| n > 0), "{v}");
 }
