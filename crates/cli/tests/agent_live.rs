@@ -630,3 +630,40 @@ fn t_d4_2_tls_init_image_sets_new_threads_state() {
     send(&mut t, "spawn");
     assert_eq!(line_with(&t, "state", Duration::from_secs(5)), "state 0");
 }
+
+/// DESIGN §4.3: stub pages are r-x anonymous pages within ±2 GiB of the requested address, filled
+/// through /proc/PID/mem (W^X intact); only ranges the agent mapped can be unmapped.
+#[test]
+fn t_d4_3_map_stubs_near_and_unmap() {
+    use std::os::unix::fs::FileExt;
+    let mut t = hello(true);
+    let pid = t.pid();
+    let near = ask(&mut t, "addr") as u64; // greet_calls, inside the executable's image
+    let loc = agent::find_agent(pid).unwrap();
+    let mut c = AgentConn::open(&loc, Duration::from_secs(5)).unwrap();
+    let a = c.map_stubs(near, 100).unwrap();
+    assert!(
+        a.abs_diff(near) < (1 << 31) - 4096,
+        "stub page {a:#x} is out of rel32 reach of {near:#x}"
+    );
+    assert_eq!(a % 4096, 0);
+    let maps = agent::read_maps(pid).unwrap();
+    let m = maps.iter().find(|m| m.start == a).expect("stub mapping");
+    assert_eq!(
+        (m.perms.as_str(), m.end - m.start, m.path.as_str()),
+        ("r-xp", 4096, "")
+    );
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .unwrap();
+    mem.write_all_at(&[0xc3; 16], a).unwrap();
+    let mut b = [0u8; 16];
+    agent::read_mem(pid, a, &mut b).unwrap();
+    assert_eq!(b, [0xc3; 16]);
+    let e = c.unmap(near & !4095, 4096).unwrap_err().to_string();
+    assert!(e.contains("was not mapped by the agent"), "{e}");
+    c.unmap(a, 4096).unwrap();
+    assert!(!agent::read_maps(pid).unwrap().iter().any(|m| m.start == a));
+}
