@@ -211,3 +211,35 @@ fn serial_t_d4_6_hijacked_read_and_futex_restart() {
     }
     assert_eq!((read, woke), (1, 1));
 }
+
+/// REMOTE-CALL.md restart-block guard: when the called function sleeps (here a constructor that
+/// calls usleep), the hijacked thread's interrupted nanosleep cannot be restarted exactly; the call
+/// returns through its signal frame and the sleep is re-issued: it still returns 0 (no EINTR), its
+/// xmm registers are intact, and it lasts longer than 2 s instead of being cut short.
+#[test]
+fn serial_t_d4_6_restart_block_guard_falls_back_to_frame() {
+    let t = target();
+    let pid = t.pid();
+    let lib = compile_c(
+        "agent_sleepy_lib.so",
+        &["agent_sleepy_lib.c"],
+        &["-O2", "-shared", "-fPIC"],
+    );
+    line_with(&t, "simd-sleep", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    let tid = tid_named(pid, "simd-sleep");
+    let opts = InjectOptions {
+        only_tids: Some(vec![tid]),
+        ..InjectOptions::default()
+    };
+    let r = inject_library(pid, &lib, &opts).unwrap();
+    assert!(r.via_frame, "the guard must fire when the callee sleeps: {r:?}");
+    let l = line_with(&t, "simd-sleep", Duration::from_secs(6));
+    let el: f64 = field(&l, "elapsed").parse().unwrap();
+    assert!(
+        el > 2500.0,
+        "the re-issued sleep lasts its full 2 s after the hijack: {l}"
+    );
+    assert_eq!(field(&l, "ret"), "0", "{l}");
+    assert_eq!(field(&l, "xmm"), "ok", "{l}");
+}
