@@ -409,7 +409,11 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     rep.agent_injected = s.injected;
     if s.doc.model.patch(&pf.name).is_some() {
         if s.doc.model.in_transition(&pf.name) {
-            let unpatching = s.doc.model.transition().is_some_and(|t| t.target == PatchState::Unpatched);
+            let unpatching = s
+                .doc
+                .model
+                .transition()
+                .is_some_and(|t| t.target == PatchState::Unpatched);
             if !unpatching {
                 return Err(Fail::Refused(anyhow!(
                     "patch {} is already being applied in pid {pid}; wait with `relive transition {pid}` or \

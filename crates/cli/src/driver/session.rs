@@ -114,7 +114,9 @@ impl Session {
         for m in &self.image.modules {
             if let Some(r) = m.image.exec_avma_range(m.bias) {
                 let ip = r.start.0 + 16;
-                let _ = self.unwinder.unwind(relive_unwind::StartRegs { ip, sp: 8, bp: 0 }, &mut none, 2);
+                let _ = self
+                    .unwinder
+                    .unwind(relive_unwind::StartRegs { ip, sp: 8, bp: 0 }, &mut none, 2);
             }
         }
     }
