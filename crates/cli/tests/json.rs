@@ -99,7 +99,10 @@ fn snap(name: &str, pid: Option<i32>, args: &[&str], code: i32) -> Value {
     let mut filters: Vec<(String, String)> = vec![
         // Where cargo put the agent depends on what was built first: target/debug/ after a
         // `cargo build`, only target/debug/deps/ on a fresh clone that ran the tests.
-        (r"target/(debug|release)/(deps/)?librelive_agent\.so".into(), "[agent-dir]/librelive_agent.so".into()),
+        (
+            r"target/(debug|release)/(deps/)?librelive_agent\.so".into(),
+            "[agent-dir]/librelive_agent.so".into(),
+        ),
         (esc(&repo.to_string_lossy()), "[repo]".into()),
         (esc(&std::env::temp_dir().to_string_lossy()), "[tmp]".into()),
         (r"-[0-9a-f]{16}\b".into(), "-[hash]".into()),

@@ -15,7 +15,10 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The workspace root (the directory holding the root Cargo.toml).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 /// The directory holding the C fixture sources: `tests/targets/`.
@@ -43,12 +46,18 @@ pub fn compile_c(name: &str, sources: &[&str], flags: &[&str]) -> PathBuf {
         .iter()
         .map(|s| {
             let p = Path::new(s);
-            if p.is_absolute() { p.to_path_buf() } else { targets_dir().join(p) }
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                targets_dir().join(p)
+            }
         })
         .collect();
     let mut h = DefaultHasher::new();
     for s in &srcs {
-        std::fs::read(s).unwrap_or_else(|e| panic!("read fixture {}: {e}", s.display())).hash(&mut h);
+        std::fs::read(s)
+            .unwrap_or_else(|e| panic!("read fixture {}: {e}", s.display()))
+            .hash(&mut h);
     }
     flags.hash(&mut h);
     let out = fixtures_out().join(format!("{name}-{:016x}", h.finish()));
