@@ -2,7 +2,7 @@
 //! format in `relive_elf::manifest`) into the `.relive_manifest` section at compile time, as a
 //! `#[used]` static built with `concat!` of literals. Nothing runs at load time.
 //!
-//! ```ignore
+//! ```no_run
 //! use relive_patch::{ImportSlot, patch};
 //!
 //! #[unsafe(no_mangle)]
