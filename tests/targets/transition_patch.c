@@ -11,6 +11,7 @@
  *   -DOBJECT=soname    f and g live in that library instead of the executable
  *   -DMISSING=1        also replaces a function the target does not have
  *   -DTINY=1           also replaces `tiny`, a function shorter than a jump (unpatchable entry)
+ *   -DIMPORT_FROM=so   imports `g` from object `so` into the slot p_imported (an object the target may lack)
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
  * the new f must reach the new g, and the old f the old g; any mix is counted in oracle_mix.
  */
@@ -89,6 +90,11 @@ RELIVE_FUNC("exe", no_such_function, 0, f_v);
 void tiny_v(void) {
 }
 RELIVE_FUNC("exe", tiny, 0, tiny_v);
+#endif
+
+#ifdef IMPORT_FROM
+RELIVE_OBJECT(STR(IMPORT_FROM), "");
+RELIVE_IMPORT(STR(IMPORT_FROM), g, 0, void *, p_imported);
 #endif
 
 #ifdef CALLBACKS

@@ -1,6 +1,44 @@
 //! Output conventions shared by every command: exit codes, JSON on stdout, errors on stderr.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Serialize;
+
+/// Set once stdout's reader went away (EPIPE): later output is dropped and the command ends with its own exit
+/// code, without a panic (SIGPIPE stays ignored: the controller must get EPIPE on the agent's pipes, not die).
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes `s` to stdout. On a broken pipe (`relive … | head`) the rest of the output is dropped quietly;
+/// [`finish`] still returns the command's own code (0 when it succeeded). Use [`out!`] / [`outln!`].
+pub fn write_stdout(s: &str) {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("relive: cannot write to stdout: {e}");
+        }
+    }
+}
+
+/// `print!` that survives a closed stdout (see [`write_stdout`]).
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => { $crate::output::write_stdout(&format!($($t)*)) };
+}
+
+/// `println!` that survives a closed stdout (see [`write_stdout`]).
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        let mut s = format!($($t)*);
+        s.push('\n');
+        $crate::output::write_stdout(&s)
+    }};
+}
 
 /// Exit codes (documented in README.md, "Exit codes").
 pub mod exit {
@@ -61,7 +99,7 @@ impl Ctx {
     /// Prints `value` as pretty JSON on stdout. Only call this when `self.json` is set.
     pub fn print_json<T: Serialize>(&self, value: &T) {
         match serde_json::to_string_pretty(value) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => eprintln!("relive: cannot encode JSON output: {e}"),
         }
     }
@@ -86,7 +124,9 @@ pub fn finish(ctx: &Ctx, result: CmdResult) -> i32 {
     let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
     eprintln!("relive: {}", chain.join(": "));
     if ctx.json {
-        ctx.print_json(&serde_json::json!({ "error": { "kind": kind, "message": chain.join(": "), "exit_code": code } }));
+        ctx.print_json(
+            &serde_json::json!({ "error": { "kind": kind, "message": chain.join(": "), "exit_code": code } }),
+        );
     }
     code
 }
@@ -100,5 +140,8 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -112,9 +112,10 @@ fn find(b: &[u8], pat: &[u8]) -> usize {
         .expect("pattern in file")
 }
 
+/// A file that is not a usable patch is a refusal (exit 3), as in `apply` and `check`.
 fn assert_error(p: &Path, needle: &str) {
     let (out, err, code) = inspect(p);
-    assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
+    assert_eq!(code, 3, "stdout {out:?} stderr {err:?}");
     assert!(out.is_empty(), "{out}");
     assert!(err.contains(needle), "expected {needle:?} in {err:?}");
     assert!(
@@ -154,7 +155,7 @@ fn t_d4_9_inspect_truncated_is_precise() {
         b.truncate(i + 10);
     });
     let (_, err, code) = inspect(&p);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(err.contains("truncated"), "{err}");
     // A record cut before its NUL terminator.
     let p = mutated("unterminated.so", |b| {
@@ -169,7 +170,7 @@ fn t_d4_9_inspect_truncated_is_precise() {
         }
     });
     let (_, err, code) = inspect(&p);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(
         err.contains("not NUL-terminated") || err.contains("truncated"),
         "{err}"
@@ -189,6 +190,6 @@ fn t_d4_9_inspect_not_elf_or_not_patch() {
         .unwrap()
         .join("librelive_agent.so");
     let (_, err, code) = inspect(&agent);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(err.contains("no .relive_manifest section"), "{err}");
 }

@@ -136,3 +136,127 @@ fn serial_t_issue7_check_one_verdict_per_func_changes_nothing() {
     assert_eq!(bad.len(), 1, "{j}");
     assert_eq!(bad[0]["func"], "exe:no_such_function", "{j}");
 }
+
+/// Runs `relive ARGS` with stdout a pipe whose reader is already closed (`relive … | head` after head quit).
+fn relive_stdout_closed(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_relive"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run relive");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait relive").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relive {args:?} hung on a closed stdout"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("relive output")
+}
+
+/// Output convention: a closed stdout (EPIPE, SIGPIPE ignored) ends the command quietly with its own exit code:
+/// no "failed printing to stdout" panic (101).
+#[test]
+fn t_issue5_closed_stdout_exits_quietly_with_the_commands_code() {
+    let p = patch("pipe", &["VERSION=2"]);
+    for args in [
+        vec!["--json", "inspect", p.to_str().unwrap()],
+        vec!["inspect", p.to_str().unwrap()],
+    ] {
+        let o = relive_stdout_closed(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "relive {args:?} on a closed stdout: {err}"
+        );
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    }
+    // A refusal keeps its code (3) on a closed stdout.
+    let exe = std::env::current_exe().unwrap();
+    let o = relive_stdout_closed(&["--json", "inspect", exe.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A file that is not a patch is a refusal (exit 3) in inspect, check and apply alike; a missing file is an
+/// error (exit 1).
+#[test]
+fn t_issue5_not_a_patch_is_refused_by_inspect_check_and_apply() {
+    let exe = std::env::current_exe().unwrap();
+    let exe = exe.to_str().unwrap();
+    let me = std::process::id().to_string();
+    for args in [
+        vec!["inspect", exe],
+        vec!["check", &me, exe],
+        vec!["apply", &me, exe],
+    ] {
+        let o = relive(&args);
+        assert_eq!(o.status.code(), Some(3), "relive {args:?}: {}", text(&o));
+        assert!(text(&o).contains("not a usable relive patch"), "{}", text(&o));
+    }
+    let o = relive(&["inspect", "/nonexistent/fix.so"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+}
+
+/// An import from an object the process has not loaded would leave its slot at 0: check and apply refuse it,
+/// naming the import, the object and the pid; the target is unchanged.
+#[test]
+fn serial_t_issue5_import_from_an_object_not_loaded_is_refused() {
+    let t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("impnope", &["VERSION=2", "IMPORT_FROM=libnope.so.7"]);
+    let p = p.to_str().unwrap();
+    for cmd in ["check", "apply"] {
+        let msg = refused_unchanged(&t, &[cmd, &pid, p], 3, &["libnope.so.7", "p_imported", &pid]);
+        assert!(msg.contains("import") && msg.contains(" g "), "{msg}");
+    }
+}
+
+/// Messages name the patch once: a busy refusal reads "pid N: patch 'b': cannot be enabled …", not
+/// "patch b: pid N: patch 'b': …".
+#[test]
+fn serial_t_issue5_refusal_names_the_patch_once() {
+    let t = oracle(&["--stall", "--duty", "200"]);
+    let pid = t.pid().to_string();
+    let s = patch("once_s", &["VERSION=2", "STALL=1"]);
+    ok(&["apply", &pid, s.to_str().unwrap(), "--no-wait"]);
+    let b = patch("once_b", &["VERSION=3", "ONLY_F=1"]);
+    let msg = refused_unchanged(
+        &t,
+        &["apply", &pid, b.to_str().unwrap()],
+        3,
+        &["once_b", "once_s"],
+    );
+    let line = msg.lines().find(|l| l.contains("once_b")).unwrap();
+    assert_eq!(line.matches("once_b").count(), 1, "{msg}");
+    ok(&["disable", &pid, "once_s"]);
+}
+
+/// `relive transition` with nothing pending changes nothing (no entry moved to the other stub slot), and its
+/// report carries its elapsed time; a completed apply reports its target (patched).
+#[test]
+fn serial_t_issue5_transition_with_nothing_pending_changes_no_text() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("idle_a", &["VERSION=2"]);
+    let o = ok(&["--json", "apply", &pid, a.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["outcome"], "completed", "{j}");
+    assert_eq!(j["target"], "patched", "{j}");
+    t.wait_workers(2);
+    let o = refused_unchanged(&t, &["--json", "transition", &pid], 0, &["no transition pending"]);
+    let start = o.find('{').unwrap();
+    let end = o.rfind('}').unwrap();
+    let j: serde_json::Value = serde_json::from_str(&o[start..=end]).unwrap();
+    assert!(j["elapsed_ms"].as_f64().unwrap() > 0.0, "{j}");
+    assert_eq!(j["windows"], serde_json::json!([]), "{j}");
+    let o = ok(&["--json", "disable", &pid, "idle_a"]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["target"], "unpatched", "{j}");
+    t.wait_workers(1);
+}

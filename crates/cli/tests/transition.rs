@@ -86,6 +86,14 @@ fn serial_t_issue5_2_stall_reverse_and_force_t_cb9() {
     let j = json(&o);
     assert_eq!(j["outcome"], "completed", "{j}");
     assert_eq!(j["forced"], true, "{j}");
+    // C11 (5.18): a forced patching transition without replace marks no patch forced; the report says so.
+    assert_eq!(j["forced_patches"], serde_json::json!([]), "{j}");
+    let st = relive(&["--json", "status", &pid]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        st.to_string().contains("\"forced\":false") && !st.to_string().contains("\"forced\":true"),
+        "{st}"
+    );
     let st = t.wait_workers(2);
     assert_eq!(num(&st, "mix"), 0);
     assert!(t.alive());

@@ -28,9 +28,9 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
     if ctx.json {
         ctx.print_json(&report);
     } else {
-        println!("patch {} against pid {}:", report.patch, report.pid);
+        crate::outln!("patch {} against pid {}:", report.patch, report.pid);
         for c in &report.general {
-            println!(
+            crate::outln!(
                 "  {:<4} {}: {}",
                 if c.ok { "ok" } else { "FAIL" },
                 c.what,
@@ -38,12 +38,12 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
             );
         }
         for f in &report.funcs {
-            println!("  {:<4} {}", if f.ok { "ok" } else { "FAIL" }, f.func);
+            crate::outln!("  {:<4} {}", if f.ok { "ok" } else { "FAIL" }, f.func);
             for line in &f.details {
-                println!("         {line}");
+                crate::outln!("         {line}");
             }
         }
-        println!(
+        crate::outln!(
             "verdict: {}",
             if report.ok {
                 "apply would proceed"

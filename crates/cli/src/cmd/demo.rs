@@ -60,7 +60,7 @@ fn say(ctx: &Ctx, msg: &str) {
     if ctx.json {
         eprintln!("{msg}");
     } else {
-        println!("{msg}");
+        crate::outln!("{msg}");
     }
 }
 

@@ -65,11 +65,17 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
     let bytes = std::fs::read(&args.patch)
         .with_context(|| format!("cannot read patch file {}", args.patch.display()))?;
     let m = read_manifest(&bytes)
-        .map_err(|e| Failure::Error(anyhow::anyhow!("patch {}: {e}", args.patch.display())))?;
+        // A file that is not a patch is a refusal (exit 3), as in `apply` and `check`.
+        .map_err(|e| {
+            Failure::Refused(anyhow::anyhow!(
+                "{} is not a usable relive patch: {e}",
+                args.patch.display()
+            ))
+        })?;
     if ctx.json {
         ctx.print_json(&serde_json::json!({ "path": args.patch, "manifest": m }));
     } else {
-        print!("{}", render(&m));
+        crate::out!("{}", render(&m));
     }
     Ok(())
 }

@@ -104,7 +104,7 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
                 r.call.as_secs_f64() * 1e3
             );
         }
-        println!(
+        crate::outln!(
             "loaded {} into pid {}: handle {} at base {}",
             v["patch"],
             args.pid,
@@ -112,10 +112,10 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
             v["base"].as_str().unwrap_or("?")
         );
         for c in v["calls"].as_array().into_iter().flatten() {
-            println!("  {}() returned {}", c["fn"].as_str().unwrap_or("?"), c["result"]);
+            crate::outln!("  {}() returned {}", c["fn"].as_str().unwrap_or("?"), c["result"]);
         }
         for s in v["dlsym"].as_array().into_iter().flatten() {
-            println!(
+            crate::outln!(
                 "  {} at {}",
                 s["symbol"].as_str().unwrap_or("?"),
                 s["addr"].as_str().unwrap_or("?")

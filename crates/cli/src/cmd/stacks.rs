@@ -230,6 +230,6 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
             );
         }
     }
-    print!("{s}");
+    crate::out!("{s}");
     Ok(())
 }

@@ -197,7 +197,7 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
                     if ctx.json {
                         ctx.print_json(&serde_json::json!({ "pid": pid, "agent": null }));
                     } else {
-                        println!("pid {pid}: no relive agent loaded (nothing is patched)");
+                        crate::outln!("pid {pid}: no relive agent loaded (nothing is patched)");
                     }
                     return Ok(());
                 }
@@ -211,7 +211,9 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
                     if ctx.json {
                         ctx.print_json(&serde_json::json!({ "pid": pid, "agent": "initializing" }));
                     } else {
-                        println!("pid {pid}: relive agent mapped, still initialising (being loaded); retry");
+                        crate::outln!(
+                            "pid {pid}: relive agent mapped, still initialising (being loaded); retry"
+                        );
                     }
                     return Ok(());
                 }
@@ -220,7 +222,7 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
             if ctx.json {
                 ctx.print_json(&serde_json::json!({ "pid": pid, "agent": s }));
             } else {
-                print!("{}", render(&s));
+                crate::out!("{}", render(&s));
             }
         }
         None => {
@@ -235,10 +237,10 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
             if ctx.json {
                 ctx.print_json(&serde_json::json!({ "processes": all, "errors": errors }));
             } else if all.is_empty() && errors.is_empty() {
-                println!("no process has the relive agent loaded");
+                crate::outln!("no process has the relive agent loaded");
             } else {
                 for s in &all {
-                    print!("{}", render(s));
+                    crate::out!("{}", render(s));
                 }
                 for e in &errors {
                     eprintln!("relive: pid {}: {}", e["pid"], e["error"]);

@@ -58,7 +58,7 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
     if ctx.json {
         ctx.print_json(&serde_json::json!({ "pid": args.pid, "patch": label, "unloaded_handles": handles }));
     } else {
-        println!("unloaded {label} (handles {handles:?}) from pid {}", args.pid);
+        crate::outln!("unloaded {label} (handles {handles:?}) from pid {}", args.pid);
     }
     Ok(())
 }

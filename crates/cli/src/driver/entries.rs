@@ -178,6 +178,10 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
                 let to = code_addr(s, rec, &target.code_for(relive_core::PatchState::Idle))?;
                 if plan.reaches(to) {
                     Some(to)
+                } else if holds(s, rec.stub, current, &ABSJMP_OFF, &encode_abs_jump(to))? {
+                    // The entry already leads to this very jump: nothing to write (`relive transition`
+                    // with nothing to change must change nothing).
+                    Some(current)
                 } else {
                     let slot = free(&ABSJMP_OFF, 16);
                     b.stub_writes.push((slot, encode_abs_jump(to).to_vec()));
@@ -197,7 +201,6 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
                 } else {
                     Direction::Unpatching
                 };
-                let slot = free(&DISPATCH_OFF, 64);
                 let tls = TlsSlot {
                     tpoff: i32::try_from(s.tpoff).map_err(|_| {
                         Fail::Error(anyhow!(
@@ -216,11 +219,27 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
                     new_version,
                     old_version,
                 };
-                let code =
-                    encode_dispatcher(slot, &d).map_err(|e| Fail::Error(anyhow!("pid {}: {e}", s.pid)))?;
-                b.stub_writes.push((slot, code));
-                b.guards.push(slot..slot + 64);
-                Some(slot)
+                let enc = |at: u64| {
+                    encode_dispatcher(at, &d).map_err(|e| Fail::Error(anyhow!("pid {}: {e}", s.pid)))
+                };
+                let here = if DISPATCH_OFF.iter().any(|o| rec.stub + o == current) {
+                    Some(enc(current)?)
+                } else {
+                    None
+                };
+                if let Some(code) = here
+                    && holds(s, rec.stub, current, &DISPATCH_OFF, &code)?
+                {
+                    // The entry already leads to this very dispatcher (same versions, direction, slot
+                    // values): rewriting it into the other slot would change .text for nothing.
+                    Some(current)
+                } else {
+                    let slot = free(&DISPATCH_OFF, 64);
+                    let code = enc(slot)?;
+                    b.stub_writes.push((slot, code));
+                    b.guards.push(slot..slot + 64);
+                    Some(slot)
+                }
             }
         };
         let writes = match (current, dest) {
@@ -238,6 +257,18 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
         b.currents.push((func.clone(), dest.unwrap_or(0)));
     }
     Ok(b)
+}
+
+/// Whether the entry currently leads (`current`) to one of the stub slots `offs` of its page and that slot
+/// already holds exactly `code`.
+fn holds(s: &Session, stub: u64, current: u64, offs: &[u64; 2], code: &[u8]) -> Result<bool, Fail> {
+    if !offs.iter().any(|o| stub + o == current) {
+        return Ok(false);
+    }
+    let mut cur = vec![0u8; code.len()];
+    relive_proc::read_memory(s.pid, current, &mut cur)
+        .map_err(|e| proc_err(s.pid, "cannot read a stub slot", e))?;
+    Ok(cur == code)
 }
 
 /// Whether any PC of this thread's stack forbids the batch now, and which.

@@ -107,7 +107,12 @@ pub struct Report {
     pub switched: usize,
     pub rounds: u32,
     pub blockers: Vec<Blocker>,
+    /// The transition was forced (C11): `relive force`.
     pub forced: bool,
+    /// The patches C11 marked forced by this command (never unloaded, U9). Empty for a forced patching
+    /// transition without replace: SPEC C11 (5.18) marks only the transition patch of an unpatching
+    /// transition, or the patches a replace patch removes.
+    pub forced_patches: Vec<String>,
     pub agent_injected: bool,
     pub elapsed_ms: f64,
     /// From the start of the transition (init) to its completion (or to the command's return while pending):
@@ -155,7 +160,16 @@ impl Report {
                 self.switched,
                 self.rounds,
                 self.elapsed_ms,
-                if self.forced { ", forced" } else { "" }
+                if !self.forced {
+                    String::new()
+                } else if self.forced_patches.is_empty() {
+                    ", forced; no patch marked forced (C11)".to_owned()
+                } else {
+                    format!(
+                        ", forced; marked forced, never unloaded: {}",
+                        self.forced_patches.join(", ")
+                    )
+                }
             ),
         }
     }
@@ -181,7 +195,7 @@ pub fn report_outcome(ctx: &Ctx, r: Result<Report, Fail>) -> CmdResult {
             if ctx.json {
                 ctx.print_json(&rep);
             } else {
-                println!("{}", rep.summary());
+                crate::outln!("{}", rep.summary());
             }
             Ok(())
         }
@@ -341,6 +355,10 @@ fn finish_transition(
     transition_started: Instant,
 ) -> Result<(), Fail> {
     let deadline = opts.timeout.map(|t| started + t);
+    // The target of the transition driven; the model forgets it on completion.
+    if let Some(t) = s.doc.model.transition() {
+        rep.target = Some(switch::target_word(t.target).into());
+    }
     let mut stats = SwitchStats::default();
     let mut log = vec![];
     let mut windows = vec![];
@@ -437,6 +455,7 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
         }
         rep.outcome = "already_active".into();
         rep.threads = s.doc.model.threads().len();
+        rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         return Ok(rep);
     }
     // 2–4: resolve, check, analyse. Refusals here leave the target unchanged.
@@ -465,21 +484,23 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
             return Err(core_err(pid, e));
         }
     };
+    // Stub pages and thunks are in the document before the init is: a controller killed after this save
+    // leaves a transition the next command can start (DESIGN §4.8; `relive transition` on an Init phase
+    // without pre_patch callbacks starts it, and needs every stub). Nothing leads to them yet.
+    for (func, plan) in &prepared.plans {
+        entries::ensure_stub(&mut s, func, plan)?;
+    }
+    patchfile::make_thunks(&mut s, &pf.name, &prepared)?;
     s.save()?;
     let results = perform(&mut s, &init, true, &mut rep, progress)?;
-    // Stub pages and thunks only once every pre_patch succeeded: a refused patch leaves no page behind (L7).
-    if results.iter().all(|r| *r == 0) {
-        for (func, plan) in &prepared.plans {
-            entries::ensure_stub(&mut s, func, plan)?;
-        }
-        patchfile::make_thunks(&mut s, &pf.name, &prepared)?;
-    }
     // 8: start: TLS init image, then stubs and entries in one stop-all window.
     let start = s.doc.model.start(&results).map_err(|e| core_err(pid, e))?;
     s.save()?;
     perform(&mut s, &start, true, &mut rep, progress)?;
     if let Some(e) = start.error {
-        // L7: the enable was cancelled; nothing stays behind.
+        // L7: the enable was cancelled; nothing stays behind (the patch's thunk pages went with it, its
+        // unused stub pages go now).
+        entries::retire_stubs(&mut s)?;
         s.save()?;
         return Err(Fail::Refused(anyhow!("pid {pid}: {e}")));
     }
@@ -593,6 +614,7 @@ pub fn transition(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Resu
         s.save()?;
         rep.outcome = "no transition pending".into();
         rep.threads = s.doc.model.threads().len();
+        rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         return Ok(rep);
     };
     rep.patch = Some(t.patch.clone());
@@ -607,6 +629,7 @@ pub fn transition(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Resu
             entries::retire_stubs(&mut s)?;
             s.save()?;
             rep.outcome = "cancelled".into();
+            rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
             return Ok(rep);
         }
     }
@@ -632,7 +655,24 @@ pub fn force(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Result<Re
     };
     rep.patch = Some(t.patch.clone());
     reconcile(&mut s, &mut rep, progress)?;
+    let was_forced: Vec<String> = s
+        .doc
+        .model
+        .patches()
+        .iter()
+        .filter(|p| p.forced)
+        .map(|p| p.name.clone())
+        .collect();
     let out = s.doc.model.force().map_err(|e| core_err(pid, e))?;
+    // Report what relive-core marked (C11), not what the user asked for.
+    rep.forced_patches = s
+        .doc
+        .model
+        .patches()
+        .iter()
+        .filter(|p| p.forced && !was_forced.contains(&p.name))
+        .map(|p| p.name.clone())
+        .collect();
     // C11: every pending thread takes the target without a stack check. Their slots are written (a thread not
     // stopped yet is stopped first to learn its TLS block); completion follows at once, so a thread this misses
     // (one that exits or appears meanwhile) is harmless: the entries are about to become direct jumps.

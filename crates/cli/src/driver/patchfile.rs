@@ -73,7 +73,13 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn refusals(&self) -> impl Iterator<Item = String> + '_ {
-        self.problems.iter().map(|(w, p)| format!("{w}: {p}"))
+        self.problems.iter().map(|(w, p)| {
+            if w.is_empty() {
+                p.clone()
+            } else {
+                format!("{w}: {p}")
+            }
+        })
     }
 
     /// The spec with the new ranges of the loaded library.
@@ -138,6 +144,24 @@ fn module_for<'a>(image: &'a ProcessImage, decl: &ObjectDecl) -> Option<&'a Load
     } else {
         image.module_named(&decl.name)
     }
+}
+
+/// The module an import names (`exe` is the main executable), whether or not a patched object declares it.
+fn import_module<'a>(image: &'a ProcessImage, object: &str) -> Option<&'a LoadedModule> {
+    if object == "exe" {
+        image.main_module()
+    } else {
+        image.module_named(object)
+    }
+}
+
+/// An import whose object the process has not loaded cannot fill its slot (the patch would read 0).
+fn import_not_loaded(pid: i32, patch: &str, imp: &relive_elf::manifest::ImportDecl) -> String {
+    format!(
+        "patch {patch} imports {} (sympos {}) from object {}, which pid {pid} has not loaded, so its slot {} \
+         would stay 0; load {} first or drop the import from the patch",
+        imp.name, imp.sympos, imp.object, imp.slot, imp.object
+    )
 }
 
 fn function_bytes(m: &LoadedModule, addr: Svma, size: u64) -> Option<&[u8]> {
@@ -347,12 +371,19 @@ pub fn prepare_with(
     }
     // Imports must resolve too.
     for imp in &pf.manifest.imports {
-        let decl = pf.manifest.objects.iter().find(|o| o.name == imp.object);
-        if let Some(m) = decl.and_then(|d| module_for(image, d))
-            && let Err(e) = m.symbols.resolve(&m.path, &imp.name, imp.sympos)
-        {
-            p.problems
-                .push((format!("import {}", imp.name), format!("pid {pid}: {e}")));
+        match import_module(image, &imp.object) {
+            None => p.problems.push((
+                format!("import {}:{}", imp.object, imp.name),
+                import_not_loaded(pid, &pf.name, imp),
+            )),
+            Some(m) => {
+                if let Err(e) = m.symbols.resolve(&m.path, &imp.name, imp.sympos) {
+                    p.problems.push((
+                        format!("import {}:{}", imp.object, imp.name),
+                        format!("pid {pid}: {e}"),
+                    ));
+                }
+            }
         }
     }
     // L1/K5/ST3: the model's checks (ranges of the new code are not needed for them).
@@ -374,7 +405,8 @@ pub fn prepare_with(
                     ok: false,
                     detail: msg.clone(),
                 });
-                p.problems.push((format!("patch {}", pf.name), msg));
+                // The model's message names the patch already: no "patch X:" label in front of it.
+                p.problems.push((String::new(), msg));
             }
         }
     }
@@ -459,9 +491,9 @@ pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, F
         rec.objects.push(orec);
     }
     for imp in &pf.manifest.imports {
-        let decl = pf.manifest.objects.iter().find(|o| o.name == imp.object);
-        let Some(m) = decl.and_then(|d| module_for(&s.image, d)) else {
-            continue;
+        let Some(m) = import_module(&s.image, &imp.object) else {
+            let msg = import_not_loaded(pid, &pf.name, imp);
+            return Err(fail(s, msg));
         };
         let sym = match m.symbols.resolve(&m.path, &imp.name, imp.sympos) {
             Ok(sym) => sym.addr.to_avma(m.bias).0,
