@@ -75,4 +75,28 @@
                    "\n");                                                                         \
     __attribute__((used, visibility("default"))) type slot
 
+/*
+ * System states (SPEC §8, ST1-ST2; the kernel's klp_get_state / klp_get_prev_state), exported by the
+ * agent (librelive_agent.so, already loaded in the target; the patch leaves these symbols undefined
+ * and the dynamic loader binds them at dlopen). relive tells the agent the states of every installed
+ * or transitioning patch (RELIVE_STATE records) before it runs callbacks and after each transition.
+ *
+ *   relive_state_get("fix-v2", 1)   the state id 1 of patch "fix-v2" (installed or transitioning), or NULL;
+ *   relive_state_get_prev(1)        during a transition only (callbacks): the record of the latest patch
+ *                                   listed before the transition patch that declares id 1 - the patch
+ *                                   being replaced - with the `data` it left there; NULL otherwise.
+ *
+ * `data` belongs to the patches: store there what a successor should take over (ST4: pre_patch
+ * allocates or reuses get_prev()->data, post_unpatch frees). The record of a (patch, id) keeps its
+ * address for as long as that patch is installed and is never freed. Both calls are lock-free and
+ * async-signal-safe. The record is writable (as klp_get_state's is) so that a patch can set `data`.
+ */
+struct relive_state {
+    unsigned long id;
+    unsigned int version;
+    void *data;
+};
+struct relive_state *relive_state_get(const char *patch, unsigned long id);
+struct relive_state *relive_state_get_prev(unsigned long id);
+
 #endif /* RELIVE_H */

@@ -48,6 +48,7 @@
 //! | 12 | Lock | owner u32 | Done, or Error EBUSY naming the holder (a dead holder is replaced) |
 //! | 13 | Unlock | owner u32 | Done |
 //! | 14 | List | – | Libraries { count u32, then per library: handle u64, base u64, label str } (label: the path, or the memfd's name) |
+//! | 15 | SetStates | count u32, then per state: patch str, id u64, version u32; prev_count u32, then per id: patch str, id u64 | Done (SPEC §8: the table `relive_state_get`/`relive_state_get_prev` answer from) |
 //!
 //! Any request may answer `Error { errno i32, message str }`.
 
@@ -85,6 +86,36 @@ pub enum Request {
     Lock { owner: u32 },
     Unlock { owner: u32 },
     List,
+    SetStates { table: StateTable },
+}
+
+/// `SetStates` (SPEC §8, ST1–ST2) carries the states of every installed or transitioning patch and
+/// which patch's record `relive_state_get_prev(id)` answers with (empty outside a transition). This
+/// is the most entries it carries per list.
+pub const MAX_STATES: usize = 1024;
+
+/// The payload of `SetStates`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateTable {
+    /// ST1: every state of every installed or transitioning patch.
+    pub states: Vec<StateEntry>,
+    /// ST2: one entry per id `relive_state_get_prev` answers (empty outside a transition).
+    pub prev: Vec<PrevEntry>,
+}
+
+/// ST1: state `id` at `version`, declared by `patch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateEntry {
+    pub patch: String,
+    pub id: u64,
+    pub version: u32,
+}
+
+/// ST2: during a transition, `relive_state_get_prev(id)` answers with the record of (`patch`, `id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrevEntry {
+    pub patch: String,
+    pub id: u64,
 }
 
 /// One library loaded by the agent, as listed by [`Request::List`].
@@ -284,6 +315,7 @@ impl Request {
             Request::Lock { .. } => 12,
             Request::Unlock { .. } => 13,
             Request::List => 14,
+            Request::SetStates { .. } => 15,
         }
     }
 
@@ -318,6 +350,20 @@ impl Request {
             }
             Request::Lock { owner } | Request::Unlock { owner } => {
                 w.u32(*owner);
+            }
+            Request::SetStates { table } => {
+                let states = &table.states[..table.states.len().min(MAX_STATES)];
+                w.u32(states.len() as u32);
+                for e in states {
+                    let b = e.patch.as_bytes();
+                    w.bytes(&b[..b.len().min(MAX_STR)]).u64(e.id).u32(e.version);
+                }
+                let prev = &table.prev[..table.prev.len().min(MAX_STATES)];
+                w.u32(prev.len() as u32);
+                for e in prev {
+                    let b = e.patch.as_bytes();
+                    w.bytes(&b[..b.len().min(MAX_STR)]).u64(e.id);
+                }
             }
         }
         w.finish()
@@ -378,6 +424,34 @@ impl Request {
                 owner: r.u32("owner")?,
             },
             14 => Request::List,
+            15 => {
+                let n = r.u32("count")? as usize;
+                if n > MAX_STATES {
+                    return Err(ProtoError::TooLong { len: n });
+                }
+                let mut states = Vec::with_capacity(n);
+                for _ in 0..n {
+                    states.push(StateEntry {
+                        patch: r.str("patch")?,
+                        id: r.u64("id")?,
+                        version: r.u32("version")?,
+                    });
+                }
+                let n = r.u32("prev_count")? as usize;
+                if n > MAX_STATES {
+                    return Err(ProtoError::TooLong { len: n });
+                }
+                let mut prev = Vec::with_capacity(n);
+                for _ in 0..n {
+                    prev.push(PrevEntry {
+                        patch: r.str("patch")?,
+                        id: r.u64("id")?,
+                    });
+                }
+                Request::SetStates {
+                    table: StateTable { states, prev },
+                }
+            }
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -542,6 +616,19 @@ mod tests {
             Request::Lock { owner: 10 },
             Request::Unlock { owner: 10 },
             Request::List,
+            Request::SetStates {
+                table: StateTable {
+                    states: vec![StateEntry {
+                        patch: "st-v2".into(),
+                        id: 1,
+                        version: 2,
+                    }],
+                    prev: vec![PrevEntry {
+                        patch: "st-v1".into(),
+                        id: 1,
+                    }],
+                },
+            },
         ] {
             roundtrip_req(&r);
         }

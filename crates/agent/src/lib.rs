@@ -18,4 +18,5 @@ pub mod ops;
 pub mod registry;
 pub mod service;
 pub mod shadow;
+pub mod state;
 pub mod tls;

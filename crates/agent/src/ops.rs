@@ -238,6 +238,10 @@ fn dispatch(st: &mut State, req: Request) -> Response {
                 })
                 .collect(),
         },
+        Request::SetStates { table } => match crate::state::set_states(&table.states, &table.prev) {
+            Ok(()) => Response::Done,
+            Err(m) => err(libc::EINVAL, format!("pid {}: {m}", std::process::id())),
+        },
         Request::Unlock { owner } => {
             let Some(mut h) = crate::registry::header() else {
                 return err(libc::EIO, "registry not initialised".into());

@@ -432,6 +432,7 @@ fn req_name(r: &Request) -> &'static str {
         Request::Lock { .. } => "lock",
         Request::Unlock { .. } => "unlock",
         Request::List => "list",
+        Request::SetStates { .. } => "set-states",
     }
 }
 
