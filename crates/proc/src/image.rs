@@ -63,6 +63,10 @@ impl LoadedModule {
 pub struct ImageOptions {
     /// Extra directories searched for debug files by build-id (`--debug-dir`), before `/usr/lib/debug`.
     pub debug_dirs: Vec<PathBuf>,
+    /// Look for separate debug files only for the modules these names designate ([`LoadedModule::matches`];
+    /// `exe` = the main executable); `None`: for every module. Reading and parsing a large debug file is most
+    /// of an image load, and a caller that resolves symbols of a few objects only needs theirs.
+    pub debug_only_for: Option<Vec<String>>,
 }
 
 /// A symbolized address.
@@ -150,6 +154,16 @@ fn find_debug_file(image: &ElfImage, dirs: &[PathBuf]) -> Option<(PathBuf, Vec<u
 impl ProcessImage {
     /// Reads `/proc/PID/maps` and every executable object mapped.
     pub fn load(pid: i32, opts: &ImageOptions) -> Result<ProcessImage> {
+        Self::load_reusing(pid, opts, None)
+    }
+
+    /// Re-reads `/proc/PID/maps` and loads only the objects mapped since `self` was loaded; an object mapped
+    /// at the same range from the same path is taken over from `self` (its bytes, symbols and image).
+    pub fn refresh(&self, opts: &ImageOptions) -> Result<ProcessImage> {
+        Self::load_reusing(self.pid, opts, Some(self))
+    }
+
+    fn load_reusing(pid: i32, opts: &ImageOptions, prev: Option<&ProcessImage>) -> Result<ProcessImage> {
         let maps =
             std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| match e.raw_os_error() {
                 Some(libc::ENOENT) | Some(libc::ESRCH) if !crate::error::process_exists(pid) => {
@@ -170,7 +184,22 @@ impl ProcessImage {
             detail: e.to_string(),
         })?;
         let mut modules = Vec::new();
+        let main_path = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_owned());
         for m in group_modules(&entries) {
+            if let Some(old) = prev.and_then(|p| {
+                p.modules.iter().find(|o| {
+                    !m.vdso
+                        && o.path == m.path
+                        && o.deleted == m.deleted
+                        && o.mapping.start == m.start
+                        && o.mapping.end == m.end
+                })
+            }) {
+                modules.push(old.clone());
+                continue;
+            }
             let (data, bytes_from) = match read_module_bytes(pid, &m) {
                 Ok(x) => x,
                 Err(e) if e.is_target_died() => return Err(e),
@@ -193,7 +222,19 @@ impl ProcessImage {
                     None => continue,
                 }
             };
-            let debug = find_debug_file(&image, &opts.debug_dirs);
+            let wanted = opts.debug_only_for.as_ref().is_none_or(|names| {
+                names.iter().any(|n| {
+                    (n == "exe" && main_path.as_deref() == Some(m.path.as_str()))
+                        || m.path == *n
+                        || m.path.rsplit('/').next() == Some(n.as_str())
+                        || image.soname.as_deref() == Some(n.as_str())
+                })
+            });
+            let debug = if wanted {
+                find_debug_file(&image, &opts.debug_dirs)
+            } else {
+                None
+            };
             let symbols = SymbolTable::from_elf(&data, debug.as_ref().map(|(_, b)| &b[..]));
             modules.push(LoadedModule {
                 path: m.path.clone(),

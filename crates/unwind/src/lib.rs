@@ -225,10 +225,25 @@ fn find_all(hay: &[u8], needle: &[u8]) -> Vec<usize> {
 impl Unwinder {
     /// Builds an unwinder over `modules` (files and the vDSO).
     pub fn new(modules: impl IntoIterator<Item = UnwindModule>) -> Unwinder {
-        let mut fh = UnwinderX86_64::new();
-        let mut mods = Vec::new();
-        let mut trampolines = Vec::new();
+        let mut u = Unwinder {
+            fh: UnwinderX86_64::new(),
+            cache: CacheX86_64::new(),
+            mods: Vec::new(),
+            trampolines: Vec::new(),
+            extra: Vec::new(),
+            root_cache: HashMap::new(),
+        };
         for m in modules {
+            u.add_module(m);
+        }
+        u
+    }
+
+    /// Adds one module (an object mapped since the unwinder was built, e.g. a patch library); what was
+    /// parsed of the other modules is kept.
+    pub fn add_module(&mut self, m: UnwindModule) {
+        let (fh, mods, trampolines) = (&mut self.fh, &mut self.mods, &mut self.trampolines);
+        {
             let img = &m.image;
             let info = ExplicitModuleSectionInfo {
                 base_svma: 0,
@@ -255,14 +270,13 @@ impl Unwinder {
             mods.push(ModInfo { m });
         }
         trampolines.sort_unstable();
-        Unwinder {
-            fh,
-            cache: CacheX86_64::new(),
-            mods,
-            trampolines,
-            extra: Vec::new(),
-            root_cache: HashMap::new(),
-        }
+    }
+
+    /// Whether a module covering `avma_range` from `name` is known already.
+    pub fn has_module(&self, name: &str, avma_range: &Range<u64>) -> bool {
+        self.mods
+            .iter()
+            .any(|m| m.m.name == name && m.m.avma_range == *avma_range)
     }
 
     /// Registers a code range without CFI (a stub of relive, DESIGN §4.5). A PC in it makes the

@@ -99,6 +99,7 @@ pub fn collect(args: &Args) -> Result<StacksOut, ProcError> {
     let image = ProcessImage::load(
         pid,
         &ImageOptions {
+            debug_only_for: None,
             debug_dirs: args.debug_dirs.clone(),
         },
     )?;

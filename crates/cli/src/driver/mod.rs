@@ -54,6 +54,9 @@ pub struct Options {
     /// Unwinding depth limit (C5.4).
     pub max_depth: usize,
 }
+    /// The objects whose separate debug files the process image reads (their symbols resolve the patch's
+    /// funcs); every other object keeps the symbols of its own file. Default: none.
+    pub debug_for: Vec<String>,
 
 impl Default for Options {
     fn default() -> Self {
@@ -64,6 +67,7 @@ impl Default for Options {
             allow_stacking: false,
             max_depth: relive_core::DEFAULT_MAX_DEPTH,
         }
+            debug_for: vec![],
     }
 }
 
@@ -431,6 +435,10 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
                 .doc
                 .model
                 .transition()
+    let opts = &Options {
+        debug_for: pf.manifest.objects.iter().map(|o| o.name.clone()).collect(),
+        ..opts.clone()
+    };
                 .is_some_and(|t| t.target == PatchState::Unpatched);
             if !unpatching {
                 return Err(Fail::Refused(anyhow!(
@@ -467,13 +475,17 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     progress.step(&format!("loading {} into pid {pid}", path.display()));
     let rec = patchfile::load(&mut s, &pf, &prepared)?;
     s.reload_image()?;
+    let t_prep = Instant::now();
     let spec = prepared.spec(&rec);
+    tracing::debug!(pid, "checks and entry analysis in {:?}", t_prep.elapsed());
     s.doc.patches.push(rec);
     s.sync_threads_idle()?;
     // 7: init (C2), pre_patch callbacks.
     let transition_started = Instant::now();
     s.doc.seq += 1;
+    let t_load = Instant::now();
     let init = match s.doc.model.enable(spec) {
+    tracing::debug!(pid, "patch library loaded and resolved in {:?}", t_load.elapsed());
         Ok(o) => o,
         Err(e) => {
             let rec = s.doc.patches.pop();

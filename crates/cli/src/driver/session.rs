@@ -23,6 +23,7 @@ pub struct Session {
     pub unwinder: Unwinder,
     pub fs_base: HashMap<i32, u64>,
     pub max_depth: usize,
+    image_opts: ImageOptions,
     /// Whether the agent had to be injected by this session.
     pub injected: bool,
     locked: bool,
@@ -85,8 +86,13 @@ impl Session {
             serde_json::from_slice::<Doc>(&snap.body)
                 .with_context(|| format!("cannot decode the registry document of pid {pid}"))?
         };
-        let image = ProcessImage::load(pid, &ImageOptions::default())
-            .map_err(|e| proc_err(pid, "cannot map modules", e))?;
+        let image_opts = ImageOptions {
+            debug_only_for: Some(opts.debug_for.clone()),
+            ..ImageOptions::default()
+        };
+        let image =
+            ProcessImage::load(pid, &image_opts).map_err(|e| proc_err(pid, "cannot map modules", e))?;
+        tracing::debug!(pid, "process image loaded after {:?}", t0.elapsed());
         let unwinder = image.unwinder();
         let mut s = Session {
             pid,
@@ -98,12 +104,14 @@ impl Session {
             unwinder,
             fs_base: HashMap::new(),
             max_depth: opts.max_depth,
+            image_opts,
             injected,
             locked: true,
         };
         s.doc.model.set_max_depth(opts.max_depth);
         s.register_stub_ranges();
         s.warm_unwinder();
+        tracing::debug!(pid, "unwinder ready after {:?}", t0.elapsed());
         Ok(s)
     }
 
@@ -139,11 +147,33 @@ impl Session {
 
     /// Reloads the process image (after a patch library was loaded or unloaded) and the unwinder.
     pub fn reload_image(&mut self) -> Result<(), Fail> {
-        self.image = ProcessImage::load(self.pid, &ImageOptions::default())
+        let t0 = std::time::Instant::now();
+        let _t = scopeguard_log(self.pid, "image reloaded", t0);
+        // Only the objects mapped since (the patch library) are read and parsed.
+        let image = self
+            .image
+            .refresh(&self.image_opts)
             .map_err(|e| proc_err(self.pid, "cannot map modules", e))?;
-        self.unwinder = self.image.unwinder();
-        self.register_stub_ranges();
-        self.warm_unwinder();
+        let kept = |m: &relive_unwind::UnwindModule| {
+            image
+                .modules
+                .iter()
+                .any(|n| n.path == m.name && (n.mapping.start..n.mapping.end) == m.avma_range)
+        };
+        if self.image.unwind_modules().iter().all(kept) {
+            // Objects were only added (a patch library): the unwinder keeps what it parsed of the others.
+            for m in image.unwind_modules() {
+                if !self.unwinder.has_module(&m.name, &m.avma_range) {
+                    self.unwinder.add_module(m);
+                }
+            }
+            self.image = image;
+        } else {
+            self.image = image;
+            self.unwinder = self.image.unwinder();
+            self.register_stub_ranges();
+            self.warm_unwinder();
+        }
         Ok(())
     }
 
@@ -227,4 +257,15 @@ impl Drop for Session {
             let _ = self.conn.unlock();
         }
     }
+}
+
+/// Logs `what` with the time since `t0` when dropped (timings of `-vv`).
+fn scopeguard_log(pid: i32, what: &'static str, t0: std::time::Instant) -> impl Drop {
+    struct G(i32, &'static str, std::time::Instant);
+    impl Drop for G {
+        fn drop(&mut self) {
+            tracing::debug!(pid = self.0, "{} in {:?}", self.1, self.2.elapsed());
+        }
+    }
+    G(pid, what, t0)
 }

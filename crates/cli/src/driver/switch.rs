@@ -252,10 +252,14 @@ pub fn drive(
             idle_rounds = 0;
         }
         last_switched = stats.switched;
+        // The first retries come quickly (100 µs, doubling up to the interval): a thread that was merely
+        // passing through a patched function is usually out of it a moment later (DESIGN §4.5).
         let factor = 1u32 << (idle_rounds / 10).min(3);
+        let ramp = Duration::from_micros(100).saturating_mul(1u32 << stats.rounds.min(16));
         std::thread::sleep(
             opts.interval
                 .saturating_mul(factor)
+                .min(ramp)
                 .max(Duration::from_micros(100)),
         );
     }
