@@ -24,6 +24,7 @@ pub mod entries;
 pub mod patchfile;
 pub mod progress;
 pub mod session;
+pub mod states;
 pub mod switch;
 
 use std::path::Path;
@@ -283,8 +284,12 @@ fn perform(
                 // C2 and L3.5: with per-transition slot values these need no write (see the module docs).
                 Action::WriteThreadState { .. } => {}
                 Action::RunCallback {
-                    patch, object, kind, ..
+                    patch,
+                    object,
+                    kind,
+                    prev_states,
                 } => {
+                    states::sync(s, Some(patch.as_str()), prev_states)?;
                     results.push(run_callback(s, patch, object, *kind)?);
                 }
                 Action::SignalThreads { tids } => {
@@ -294,6 +299,9 @@ fn perform(
             },
         }
     }
+    // SPEC §8: the agent's state table follows the model (completion, reversal, dropped patches).
+    let prev = s.doc.model.prev_states();
+    states::sync(s, None, &prev)?;
     Ok(results)
 }
 
