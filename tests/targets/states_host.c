@@ -11,13 +11,16 @@
  * every connection and prints
  *   "tick loglevel=L r=R0,R1,R2 shadows=N prev1=null|set"
  * (R: what handle_request returned, N: relive_shadow_count(), prev1: relive_state_get_prev(1),
- * which ST2 says is NULL outside a transition). EOF on stdin ends it.
+ * which ST2 says is NULL outside a transition). EOF on stdin ends it. With "--stall", a thread sits in
+ * wait_request forever, so a patch of wait_request stays in transition until it is reversed (L6).
  */
 #define RELIVE_SHADOW_WEAK
 #include <relive.h>
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Weak: the executable links against nothing; the preloaded agent defines them. */
 extern struct relive_state *relive_state_get_prev(unsigned long id) __attribute__((weak));
@@ -50,7 +53,28 @@ __attribute__((noinline)) long handle_request(struct conn *c) {
  * functions without a register-preserving thunk (DESIGN §4.3a; reported with issue 6). */
 static long (*volatile handle)(struct conn *) = handle_request;
 
-int main(void) {
+/* Never returns: a patch that replaces it cannot complete its transition (C5). */
+static volatile int stalled;
+__attribute__((noinline)) long wait_request(void) {
+    __atomic_store_n(&stalled, 1, __ATOMIC_RELEASE);
+    for (;;)
+        pause();
+    return 0;
+}
+
+static void *staller(void *arg) {
+    (void)arg;
+    wait_request();
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--stall") == 0) {
+        pthread_t t;
+        pthread_create(&t, NULL, staller, NULL);
+        while (!__atomic_load_n(&stalled, __ATOMIC_ACQUIRE))
+            usleep(100);
+    }
     char line[64];
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("states host ready\n");

@@ -1,7 +1,7 @@
 /*
  * states_patch: the state patches of the live tests (SPEC §8, T-st1–T-st4; after the kernel's
  * test_klp_state*.c). Built with -DPATCH_NAME=<id> -DSTATE_VERSION=<n> [-DREPLACE=0|1]
- * [-DNO_STATE]; `relive apply` loads it into states_host.
+ * [-DNO_STATE] [-DSTALL]; `relive apply` loads it into states_host.
  *
  * System state id 1 = "console_loglevel was changed": pre_patch allocates the data (or takes over
  * the predecessor's, found with relive_state_get_prev), post_patch fixes the loglevel (or takes
@@ -36,6 +36,13 @@ long new_handle_request(struct conn *c) {
     return 1000 * STATE_VERSION;
 }
 RELIVE_FUNC("exe", handle_request, 0, new_handle_request);
+
+#ifdef STALL
+/* Also replaces the host's wait_request, which its --stall thread never leaves: the transition stays
+ * pending until it is reversed. */
+long new_wait_request(void) { return STATE_VERSION; }
+RELIVE_FUNC("exe", wait_request, 0, new_wait_request);
+#endif
 
 /* The host's console_loglevel, through its accessor (relive imports resolve functions). */
 typedef int *(*loglevel_slot_fn)(void);

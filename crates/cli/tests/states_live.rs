@@ -283,3 +283,52 @@ fn t_sv7_shadow_counters_survive_replace_and_are_freed_by_post_unpatch() {
         )
     );
 }
+
+/// ST2/ST4 on a reversal (L6, CB8): st5a installed; the cumulative st5b (state 1 v2) takes over in pre_patch,
+/// but its transition stalls (a thread never leaves the old wait_request); `relive disable st5b` reverses
+/// it: st5b's post_unpatch still sees st5a's record through `relive_state_get_prev(1)` (version 1, data owned
+/// by st5a) and leaves the data to it; st5a stays in charge with its data intact, and its own disable
+/// restores and frees.
+#[test]
+fn t_st2_reverse_leaves_data_to_predecessor() {
+    let exe = compile_c("states_host", &["states_host.c"], TARGET_FLAGS);
+    let mut cmd = Command::new(exe);
+    cmd.arg("--stall")
+        .env("LD_PRELOAD", agent())
+        .stdin(Stdio::piped());
+    let child = spawn_guarded(cmd, "states host ready", Duration::from_secs(20)).expect("start states_host");
+    let mut t = Target { child, seen: vec![] };
+    let pid = t.pid().to_string();
+    let a = st_patch("st5a", 1, &[]);
+    let b = st_patch("st5b", 2, &["STALL"]);
+    ok(&["apply", &pid, a.to_str().unwrap()]);
+    assert_eq!(tick(&mut t).0.len(), 2);
+    ok(&["apply", &pid, b.to_str().unwrap(), "--no-wait"]);
+    // st5b is in transition: its pre_patch took over st5a's data, and get_prev(1) answers (ST2) in any
+    // thread of the process while the transition runs.
+    let (cbs, line) = tick(&mut t);
+    assert_eq!(cbs, s(&["cb st5b pre_patch self=2 prev=1 take-over owner=st5a"]));
+    assert!(
+        line.starts_with("loglevel=8 ") && line.ends_with(" prev1=set"),
+        "{line}"
+    );
+    ok(&["disable", &pid, "st5b"]);
+    assert_eq!(
+        tick(&mut t),
+        (
+            s(&["cb st5b post_unpatch self=2 prev=1 keep owner=st5a"]),
+            "loglevel=8 r=1000,1000,1000 shadows=0 prev1=null".into()
+        )
+    );
+    ok(&["disable", &pid, "st5a"]);
+    assert_eq!(
+        tick(&mut t),
+        (
+            s(&[
+                "cb st5a pre_unpatch self=1 prev=null restore 4 owner=st5a",
+                "cb st5a post_unpatch self=1 prev=null free owner=st5a",
+            ]),
+            "loglevel=4 r=-1,-1,-1 shadows=0 prev1=null".into()
+        )
+    );
+}
