@@ -48,11 +48,6 @@ __attribute__((noinline)) long handle_request(struct conn *c) {
     return -1;
 }
 
-/* Called through a volatile pointer: GCC -O2 (-fipa-ra) would otherwise keep `&conns[i]` in %rdi across
- * a direct call, since the original leaves %rdi alone, and relive enters new versions of exported
- * functions without a register-preserving thunk (DESIGN §4.3a; reported with issue 6). */
-static long (*volatile handle)(struct conn *) = handle_request;
-
 /* Never returns: a patch that replaces it cannot complete its transition (C5). */
 static volatile int stalled;
 __attribute__((noinline)) long wait_request(void) {
@@ -83,7 +78,9 @@ int main(int argc, char **argv) {
             continue;
         long r[3];
         for (int i = 0; i < 3; i++)
-            r[i] = handle(&conns[i]);
+            r[i] = handle_request(&conns[i]); /* direct: GCC -O2 (-fipa-ra) keeps &conns[i] in %rdi
+                                                across the call, which relive's thunk must preserve
+                                                (DESIGN §4.3a) */
         printf("tick loglevel=%d r=%ld,%ld,%ld shadows=%zu prev1=%s\n", console_loglevel, r[0], r[1],
                r[2], relive_shadow_count ? relive_shadow_count() : (size_t)-1,
                !relive_state_get_prev ? "missing" : relive_state_get_prev(1) ? "set" : "null");

@@ -164,6 +164,35 @@ fn import_not_loaded(pid: i32, patch: &str, imp: &relive_elf::manifest::ImportDe
     )
 }
 
+/// The registers the original at `old_avma` leaves alone although the ABI lets it clobber them,
+/// transitively over its direct callees in `m` (DESIGN §4.3a). Only callers that see the function's body
+/// can rely on them (GCC -fipa-ra on a function that binds locally): local (static) functions and every
+/// function of the executable; exported functions of shared libraries are interposable, so their callers
+/// cannot, and the caller of this function decides which case applies.
+fn preserve_set(m: &LoadedModule, sym: &relive_elf::Symbol, old_avma: u64, name: &str, nvec: u32) -> RegSet {
+    let Some(bytes) = function_bytes(m, sym.addr, sym.size) else {
+        return RegSet::EMPTY;
+    };
+    let fb = FunctionBytes {
+        name,
+        addr: old_avma,
+        bytes,
+    };
+    let mut callee = |a: u64| -> Option<FunctionCode> {
+        let (s, _) = m.symbols.lookup(relive_elf::Avma(a).to_svma(m.bias))?;
+        let b = function_bytes(m, s.addr, s.size)?;
+        Some(FunctionCode {
+            name: s.name.clone(),
+            addr: s.addr.to_avma(m.bias).0,
+            bytes: b.to_vec(),
+        })
+    };
+    match relive_x86::clobbered_registers(fb, &mut callee) {
+        Ok(c) => c.to_preserve(nvec),
+        Err(_) => RegSet::EMPTY,
+    }
+}
+
 fn function_bytes(m: &LoadedModule, addr: Svma, size: u64) -> Option<&[u8]> {
     let off = m.image.svma_to_offset(addr)? as usize;
     m.data.get(off..off + size as usize)
@@ -255,6 +284,9 @@ pub fn prepare_with(
             p.problems.push((format!("object {}", decl.name), msg));
             continue;
         }
+        // Functions of the executable bind locally even when exported (nothing can interpose them),
+        // so GCC's -fipa-ra lets their callers rely on the registers they leave alone (DESIGN §4.3a).
+        let in_executable = image.main_module().is_some_and(|e| e.path == m.path);
         let mut funcs = vec![];
         for f in &decl.funcs {
             let label = format!("{}:{}", decl.name, f.old);
@@ -325,34 +357,22 @@ pub fn prepare_with(
                             label.clone(),
                             format!("entry at {:#x}: {}", plan.site, kind_name(&plan.kind)),
                         ));
-                        // DESIGN §4.3a: registers callers may rely on.
-                        let mut callee = |a: u64| -> Option<FunctionCode> {
-                            let (s, _) = m.symbols.lookup(relive_elf::Avma(a).to_svma(m.bias))?;
-                            let b = function_bytes(m, s.addr, s.size)?;
-                            Some(FunctionCode {
-                                name: s.name.clone(),
-                                addr: s.addr.to_avma(m.bias).0,
-                                bytes: b.to_vec(),
-                            })
-                        };
-                        // Only callers that see the function's body can rely on registers it leaves alone
-                        // (GCC -fipa-ra on a function that binds locally). relive thunks local (static)
-                        // functions; exported ones are entered directly (see ARCHITECTURE.md, DESIGN §4.3a).
-                        if !sym.global
-                            && let Ok(c) = relive_x86::clobbered_registers(fb, &mut callee)
-                        {
-                            preserve = c.to_preserve(nvec);
-                            if !preserve.is_empty() {
-                                p.func_notes
-                                    .push((label.clone(), format!("callers may rely on {preserve}: thunk")));
-                            }
-                        }
                         p.plans.push((func.clone(), plan));
                     }
                     Err(e) => {
                         p.problems.push((label.clone(), format!("pid {pid}: {e}")));
                         continue;
                     }
+                }
+            }
+            // DESIGN §4.3a: registers callers may rely on. Computed from the file's bytes of the
+            // original, also when an earlier patch already manages the entry (a replace patch's new
+            // version needs its own thunk).
+            if !sym.global || in_executable {
+                preserve = preserve_set(m, &sym, old_avma, &f.old, nvec);
+                if !preserve.is_empty() {
+                    p.func_notes
+                        .push((label.clone(), format!("callers may rely on {preserve}: thunk")));
                 }
             }
             funcs.push(Resolved {
