@@ -54,10 +54,10 @@ pub struct Options {
     pub allow_stacking: bool,
     /// Unwinding depth limit (C5.4).
     pub max_depth: usize,
-}
     /// The objects whose separate debug files the process image reads (their symbols resolve the patch's
     /// funcs); every other object keeps the symbols of its own file. Default: none.
     pub debug_for: Vec<String>,
+}
 
 impl Default for Options {
     fn default() -> Self {
@@ -67,8 +67,8 @@ impl Default for Options {
             wait: true,
             allow_stacking: false,
             max_depth: relive_core::DEFAULT_MAX_DEPTH,
-        }
             debug_for: vec![],
+        }
     }
 }
 
@@ -269,6 +269,7 @@ fn perform(
                     }
                     let batch = entries::plan_batch(s, &entries)?;
                     let w = entries::execute(s, &batch, progress)?;
+                    rep.switched += w.switched;
                     if w.attempts > 0 {
                         rep.windows.push(w);
                     }
@@ -435,6 +436,10 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
         }
     }
     // 2–3 (partly): the agent and the registry.
+    let opts = &Options {
+        debug_for: pf.manifest.objects.iter().map(|o| o.name.clone()).collect(),
+        ..opts.clone()
+    };
     let mut s = Session::open(pid, true, opts)?;
     rep.agent_injected = s.injected;
     if s.doc.model.patch(&pf.name).is_some() {
@@ -443,10 +448,6 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
                 .doc
                 .model
                 .transition()
-    let opts = &Options {
-        debug_for: pf.manifest.objects.iter().map(|o| o.name.clone()).collect(),
-        ..opts.clone()
-    };
                 .is_some_and(|t| t.target == PatchState::Unpatched);
             if !unpatching {
                 return Err(Fail::Refused(anyhow!(
@@ -475,25 +476,25 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
         return Ok(rep);
     }
     // 2–4: resolve, check, analyse. Refusals here leave the target unchanged.
+    let t_prep = Instant::now();
     let prepared = patchfile::prepare(&s, &pf, opts.allow_stacking, false)?;
+    tracing::debug!(pid, "checks and entry analysis in {:?}", t_prep.elapsed());
     if let Some(first) = prepared.refusals().next() {
         return Err(Fail::Refused(anyhow!("{first}")));
     }
     // 6: the agent loads the patch; the controller resolves its symbols and writes its import slots.
     progress.step(&format!("loading {} into pid {pid}", path.display()));
+    let t_load = Instant::now();
     let rec = patchfile::load(&mut s, &pf, &prepared)?;
+    tracing::debug!(pid, "patch library loaded and resolved in {:?}", t_load.elapsed());
     s.reload_image()?;
-    let t_prep = Instant::now();
     let spec = prepared.spec(&rec);
-    tracing::debug!(pid, "checks and entry analysis in {:?}", t_prep.elapsed());
     s.doc.patches.push(rec);
     s.sync_threads_idle()?;
     // 7: init (C2), pre_patch callbacks.
     let transition_started = Instant::now();
     s.doc.seq += 1;
-    let t_load = Instant::now();
     let init = match s.doc.model.enable(spec) {
-    tracing::debug!(pid, "patch library loaded and resolved in {:?}", t_load.elapsed());
         Ok(o) => o,
         Err(e) => {
             let rec = s.doc.patches.pop();
