@@ -150,36 +150,52 @@ fn main() {
         "relive transition benchmark (agent preloaded; wall = the whole `relive` command incl. process start,"
     );
     println!(
-        "image load and patch dlopen; transition = init → completion; pause = longest gap any target thread saw)\n"
+        "image load and patch dlopen; transition = init → completion; pause = longest gap a busy target thread saw, or the longest stop relive reported)\n"
     );
+    let reps: usize = std::env::var("RELIVE_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    println!("{reps} apply/revert cycles per scenario; medians over them (max in brackets)\n");
     println!(
-        "| scenario | op | wall ms | transition ms | longest thread pause ms (control) | stop-all windows µs | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause |"
+        "| scenario | op | wall ms | transition ms | longest pause ms (control) | stop-all windows µs (median / max) | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause | libpulp ÷ relive (wall, pause) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    let scenarios: [(&str, Vec<&str>, &str); 4] = [
-        ("1 thread", vec!["--busy", "1"], "5.98 ms / 1.84 ms"),
+    println!("|---|---|---|---|---|---|---|---|---|");
+    // libpulp's published numbers (issue 5): apply wall and longest pause, ms.
+    let scenarios: [(&str, Vec<&str>, (f64, f64)); 4] = [
+        ("1 thread", vec!["--busy", "1"], (5.98, 1.84)),
         (
             "100 threads: 2 busy, 98 in 1 ms nanosleep",
             vec!["--busy", "2", "--nap", "98"],
-            "24.6 ms / 6.8–12.6 ms",
+            (24.6, 6.8),
         ),
-        ("100 threads, all busy", vec!["--busy", "100"], "5.36 s / 5.11 s"),
-        (
-            "1,000 threads blocked",
-            vec!["--blocked", "1000"],
-            "68 ms / 63 ms",
-        ),
+        ("100 threads, all busy", vec!["--busy", "100"], (5360.0, 5110.0)),
+        ("1,000 threads blocked", vec!["--blocked", "1000"], (68.0, 63.0)),
     ];
+    let med = |v: &mut Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
     let mut all_pauses = vec![];
-    for (name, args, pulp) in scenarios {
+    for (name, args, (pulp_wall, pulp_pause)) in scenarios {
         let mut t = Target::start(&args);
         let pid = t.pid();
-        for (op, a) in [
-            ("apply", vec!["apply", pid.as_str(), p]),
-            ("revert", vec!["disable", pid.as_str(), "bench"]),
-        ] {
-            let r = run(&mut t, &a);
-            let mut ps = r.pauses.clone();
+        let mut runs: [Vec<Run>; 2] = [vec![], vec![]];
+        for _ in 0..reps {
+            for (k, a) in [
+                vec!["apply", pid.as_str(), p],
+                vec!["disable", pid.as_str(), "bench"],
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                runs[k].push(run(&mut t, &a));
+            }
+        }
+        for (k, op) in ["apply", "revert"].into_iter().enumerate() {
+            let rs = &runs[k];
+            let mut ps: Vec<u64> = rs.iter().flat_map(|r| r.pauses.iter().copied()).collect();
             ps.sort_unstable();
             let q = |f: f64| {
                 if ps.is_empty() {
@@ -188,18 +204,54 @@ fn main() {
                     ps[((ps.len() - 1) as f64 * f).round() as usize]
                 }
             };
-            all_pauses.extend(r.pauses.iter().copied());
+            all_pauses.extend(ps.iter().copied());
+            let mut wall: Vec<f64> = rs.iter().map(|r| r.wall_ms).collect();
+            let mut tr: Vec<f64> = rs.iter().map(|r| r.transition_ms).collect();
+            // The longest pause of a run: the longest gap a measuring (busy) thread saw, or, for threads that
+            // cannot measure (blocked ones), the longest stop-all window or per-thread stop relive reported.
+            let mut pause: Vec<f64> = rs
+                .iter()
+                .map(|r| {
+                    let stopped = r
+                        .windows
+                        .iter()
+                        .chain(r.pauses.iter())
+                        .copied()
+                        .max()
+                        .unwrap_or(0) as f64
+                        / 1e3;
+                    r.thread_pause_ms.max(stopped)
+                })
+                .collect();
+            let mut control: Vec<f64> = rs.iter().map(|r| r.control_ms).collect();
+            let mut win: Vec<f64> = rs
+                .iter()
+                .flat_map(|r| r.windows.iter().map(|w| *w as f64))
+                .collect();
+            let (wall_max, pause_max) = (
+                wall.iter().copied().fold(0.0, f64::max),
+                pause.iter().copied().fold(0.0, f64::max),
+            );
+            let win_max = win.iter().copied().fold(0.0, f64::max);
+            let (w, pz) = (med(&mut wall), med(&mut pause));
             println!(
-                "| {name} | {op} | {:.1} | {:.1} | {:.2} ({:.2}) | {:?} | {} / {} / {} | {} |",
-                r.wall_ms,
-                r.transition_ms,
-                r.thread_pause_ms,
-                r.control_ms,
-                r.windows,
+                "| {name} | {op} | {w:.1} [{wall_max:.1}] | {:.1} | {pz:.2} [{pause_max:.2}] ({:.2}) | {:.0} / {win_max:.0} | {} / {} / {} | {} | {} |",
+                med(&mut tr),
+                med(&mut control),
+                if win.is_empty() { 0.0 } else { med(&mut win) },
                 q(0.5),
                 q(0.99),
                 ps.last().copied().unwrap_or(0),
-                if op == "apply" { pulp } else { "" }
+                if op == "apply" {
+                    format!("{pulp_wall} ms / {pulp_pause} ms")
+                } else {
+                    String::new()
+                },
+                if op == "apply" {
+                    format!("{:.1}×, {:.1}×", pulp_wall / w, pulp_pause / pz.max(1e-3))
+                } else {
+                    String::new()
+                }
             );
         }
     }

@@ -46,6 +46,9 @@ pub struct Window {
     pub attempts: u32,
     /// Microseconds from the first stop to the last resume of the successful attempt.
     pub window_us: u64,
+    /// Threads switched inside the window (DESIGN §4.5, done while every thread is stopped anyway).
+    #[serde(skip)]
+    pub switched: usize,
 }
 
 /// Makes sure `func` has a stub page near its entry, with the old-path copy written, and returns its record.
@@ -306,6 +309,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
         let stopped = relive_proc::stop_all(pid).map_err(|e| proc_err(pid, "cannot stop the threads", e))?;
         let mut blocked: Option<(i32, String)> = None;
         let mut reader = PageCacheReader::new(pid);
+        let mut stacks: Vec<(i32, u64, relive_unwind::Stack)> = Vec::with_capacity(stopped.threads.len());
         for t in &stopped.threads {
             let regs = t.regs().map_err(|e| proc_err(pid, "cannot read registers", e))?;
             s.fs_base.insert(t.tid(), regs.fs_base);
@@ -333,6 +337,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
                 blocked = Some((t.tid(), format!("unreliable stack ({:?})", stack.verdict)));
                 break;
             }
+            stacks.push((t.tid(), regs.fs_base, stack));
         }
         if let Some((tid, why)) = blocked {
             stopped
@@ -369,6 +374,31 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             relive_proc::write_code(pid, w.addr, &w.bytes)
                 .map_err(|e| proc_err(pid, "cannot write an entry", e))?;
         }
+        // DESIGN §4.5: every thread is stopped and unwound already; a started transition switches each one
+        // whose stack allows it now, so the first switching round needs to visit only the rest. (The stacks
+        // are the ones the PC check just took; nothing ran since.)
+        let mut switched = 0;
+        if s.doc
+            .model
+            .transition()
+            .is_some_and(|t| t.phase == relive_core::Phase::Started)
+        {
+            let mut st = super::switch::SwitchStats::default();
+            let mut blockers = vec![];
+            let mut r = Ok(());
+            for (tid, fs_base, stack) in stacks {
+                r = super::switch::settle(s, tid, fs_base, |_| stack, &mut st, &mut blockers);
+                if r.is_err() {
+                    break;
+                }
+            }
+            if let Err(e) = r {
+                let _ = stopped.resume();
+                return Err(e);
+            }
+            switched = st.switched;
+            s.settled_all = true;
+        }
         stopped
             .resume()
             .map_err(|e| proc_err(pid, "cannot resume the threads", e))?;
@@ -382,6 +412,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             threads,
             attempts,
             window_us,
+            switched,
         });
     }
 }

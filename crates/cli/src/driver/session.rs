@@ -24,6 +24,10 @@ pub struct Session {
     pub fs_base: HashMap<i32, u64>,
     pub max_depth: usize,
     image_opts: ImageOptions,
+    /// Set by the stop-all window that installed a transition's entries when it also settled every thread
+    /// (read its slot, switched it if its stack allowed): the first switching round then visits only the
+    /// pending and new threads.
+    pub settled_all: bool,
     /// Whether the agent had to be injected by this session.
     pub injected: bool,
     locked: bool,
@@ -105,6 +109,7 @@ impl Session {
             fs_base: HashMap::new(),
             max_depth: opts.max_depth,
             image_opts,
+            settled_all: false,
             injected,
             locked: true,
         };

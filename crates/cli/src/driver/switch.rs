@@ -115,11 +115,44 @@ fn handle(
     let regs = t
         .regs()
         .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
-    s.fs_base.insert(tid, regs.fs_base);
+    settle(
+        s,
+        tid,
+        regs.fs_base,
+        |s| {
+            reader.clear();
+            s.unwinder.unwind(
+                StartRegs {
+                    ip: regs.rip,
+                    sp: regs.rsp,
+                    bp: regs.rbp,
+                },
+                reader,
+                s.max_depth,
+            )
+        },
+        stats,
+        blockers,
+    )
+}
+
+/// The decision for one stopped thread whose TLS block is at `fs_base` (DESIGN §4.5): adopt what its slot
+/// says, and if it is pending, take its stack (`stack_of`, called only then) and try to switch it. Also used
+/// inside the stop-all window that installs the entries, with the stacks that window already unwound.
+pub fn settle(
+    s: &mut Session,
+    tid: i32,
+    fs_base: u64,
+    stack_of: impl FnOnce(&mut Session) -> relive_unwind::Stack,
+    stats: &mut SwitchStats,
+    blockers: &mut Vec<Blocker>,
+) -> Result<(), Fail> {
+    let pid = s.pid;
+    s.fs_base.insert(tid, fs_base);
     // The slot is the truth (DESIGN §4.8): a controller killed after writing a slot but before saving the
     // document leaves the model behind; adopt what the slot says.
     let observed = s
-        .read_slot(regs.fs_base)
+        .read_slot(fs_base)
         .map_err(|e| proc_err(pid, &format!("cannot read thread {tid}'s state"), e))?;
     let model_state = s.doc.model.thread(Tid(tid)).map(|i| i.state);
     let initial = s
@@ -141,16 +174,7 @@ fn handle(
             .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
     }
     if s.doc.model.thread(Tid(tid)).is_some_and(|i| i.pending) {
-        reader.clear();
-        let stack = s.unwinder.unwind(
-            StartRegs {
-                ip: regs.rip,
-                sp: regs.rsp,
-                bp: regs.rbp,
-            },
-            reader,
-            s.max_depth,
-        );
+        let stack = stack_of(s);
         let pcs: Vec<u64> = stack.frames.iter().map(|f| f.pc).collect();
         let ts = ThreadStack {
             pcs,
@@ -163,7 +187,7 @@ fn handle(
             .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
         match &outcome {
             SwitchOutcome::Switched(relive_core::Action::WriteThreadState { state, .. }) => {
-                s.write_slot(regs.fs_base, *state)
+                s.write_slot(fs_base, *state)
                     .map_err(|e| proc_err(pid, &format!("cannot write thread {tid}'s state"), e))?;
                 stats.switched += 1;
             }
@@ -217,7 +241,9 @@ pub fn drive(
             return Ok(true);
         };
         let (patch, target) = (t.patch.clone(), t.target);
-        let tids = visit_list(s, first)?;
+        // The stop-all window that installed the entries may have settled every thread already.
+        let settled = std::mem::take(&mut s.settled_all);
+        let tids = visit_list(s, first && !settled)?;
         first = false;
         let r = round(s, &tids, stats)?;
         progress.round(
