@@ -127,9 +127,11 @@ pub struct Report {
     pub windows: Vec<Window>,
     /// Per-thread pause of the switching loop: median, p99 and max, in µs.
     pub pause_us: Option<(u64, u64, u64)>,
-    /// Every per-thread pause of the switching loop (stop → resume of one thread), in µs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub pause_samples_us: Vec<u64>,
+    /// Every per-thread pause of the switching loop (stop → resume of one thread), in µs; present whenever a
+    /// transition was driven (empty, with `pause_us` all 0, when every thread switched inside the stop-all
+    /// window that installed the entries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_samples_us: Option<Vec<u64>>,
     /// The kernel-style log lines of the model (SPEC events).
     pub log: Vec<String>,
 }
@@ -184,7 +186,10 @@ impl Report {
         self.switched += st.switched;
         self.blockers = st.blockers.clone();
         let mut p = st.pauses_us.clone();
-        self.pause_samples_us.extend(st.pauses_us.iter().copied());
+        self.pause_samples_us
+            .get_or_insert_with(Vec::new)
+            .extend(st.pauses_us.iter().copied());
+        self.pause_us.get_or_insert((0, 0, 0));
         if !p.is_empty() {
             p.sort_unstable();
             let q = |f: f64| p[((p.len() - 1) as f64 * f).round() as usize];
