@@ -1060,22 +1060,32 @@ impl Model {
         Ok(out)
     }
 
+    /// The running transition, if it has started (pre_patch results reported); else the error that names
+    /// `op` and says what to do (`hint`).
+    fn started_transition(&self, op: &str, hint: &str) -> Result<&Transition, Error> {
+        let t = self
+            .transition
+            .as_ref()
+            .ok_or(Error::NoTransition { op: op.to_owned() })?;
+        if t.phase != Phase::Started {
+            return Err(Error::WrongPhase {
+                op: op.to_owned(),
+                patch: t.patch.clone(),
+                phase: phase_name(false, t.target),
+                hint: hint.to_owned(),
+            });
+        }
+        Ok(t)
+    }
+
     /// L6 / C9: reverse the running transition. PENDING is cleared, `enabled` and the target flip, and the
     /// transition restarts: threads already in the new target are done, the others need a stack check.
     /// Func stacks and `transition` flags stay as they are.
     pub fn reverse(&mut self) -> Result<Output, Error> {
-        let t = self.transition.as_ref().ok_or(Error::NoTransition {
-            op: "reverse".to_owned(),
-        })?;
-        if t.phase != Phase::Started {
-            return Err(Error::WrongPhase {
-                op: "reverse".to_owned(),
-                patch: t.patch.clone(),
-                phase: phase_name(false, t.target),
-                hint: "report the pre_patch results (start) first; a failure there cancels by itself"
-                    .to_owned(),
-            });
-        }
+        let t = self.started_transition(
+            "reverse",
+            "report the pre_patch results (start) first; a failure there cancels by itself",
+        )?;
         let mut out = Output::default();
         out.event(Event::ReversingTransition {
             patch: t.patch.clone(),
@@ -1095,17 +1105,7 @@ impl Model {
     /// C11: every pending thread takes the target without a stack check; the patches being removed are
     /// marked forced (never unloaded, U9). The transition completes on the next [`Model::try_complete`].
     pub fn force(&mut self) -> Result<Output, Error> {
-        let t = self.transition.as_ref().ok_or(Error::NoTransition {
-            op: "force".to_owned(),
-        })?;
-        if t.phase != Phase::Started {
-            return Err(Error::WrongPhase {
-                op: "force".to_owned(),
-                patch: t.patch.clone(),
-                phase: phase_name(false, t.target),
-                hint: "report the pre_patch results (start) first".to_owned(),
-            });
-        }
+        let t = self.started_transition("force", "report the pre_patch results (start) first")?;
         let target = t.target;
         let mut out = Output::default();
         out.event(Event::ForcingRemainingTasks);
@@ -1143,17 +1143,10 @@ impl Model {
     /// registered for the function count too (DESIGN §4.5). Frame 0 is the live PC; the others are return
     /// addresses and are matched by the byte before them ([`Range::contains_return_address`]).
     pub fn try_switch(&mut self, tid: Tid, stack: &ThreadStack) -> Result<SwitchOutcome, Error> {
-        let t = self.transition.as_ref().ok_or(Error::NoTransition {
-            op: format!("switch thread {tid}"),
-        })?;
-        if t.phase != Phase::Started {
-            return Err(Error::WrongPhase {
-                op: format!("switch thread {tid}"),
-                patch: t.patch.clone(),
-                phase: phase_name(false, t.target),
-                hint: "report the pre_patch results (start) first".to_owned(),
-            });
-        }
+        let t = self.started_transition(
+            &format!("switch thread {tid}"),
+            "report the pre_patch results (start) first",
+        )?;
         let target = t.target;
         let th = self.threads.get(&tid).ok_or(Error::ThreadNotFound { tid })?;
         if !th.pending {
@@ -1282,17 +1275,7 @@ impl Model {
     /// pending, complete (L3 or L4). Otherwise count the attempt and, every 15th time (C8), ask the
     /// controller to signal the remaining threads. Check [`Model::transition`] afterwards: `None` means done.
     pub fn try_complete(&mut self) -> Result<Output, Error> {
-        let t = self.transition.as_ref().ok_or(Error::NoTransition {
-            op: "complete".to_owned(),
-        })?;
-        if t.phase != Phase::Started {
-            return Err(Error::WrongPhase {
-                op: "complete".to_owned(),
-                patch: t.patch.clone(),
-                phase: phase_name(false, t.target),
-                hint: "report the pre_patch results (start) first".to_owned(),
-            });
-        }
+        self.started_transition("complete", "report the pre_patch results (start) first")?;
         let mut out = Output::default();
         let pending = self.pending();
         if !pending.is_empty() {

@@ -111,25 +111,9 @@ fn io_err(pid: i32, what: impl Into<String>, source: std::io::Error) -> AgentErr
 
 /// Reads target memory with `process_vm_readv`; the whole range must be readable.
 pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let local = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len() - done,
-        };
-        let remote = libc::iovec {
-            iov_base: (addr + done as u64) as *mut libc::c_void,
-            iov_len: buf.len() - done,
-        };
-        // SAFETY: `local` describes the unfilled tail of `buf`; the kernel checks the remote range.
-        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if n == 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        done += n as usize;
+    // The same process_vm_readv as `read_memory`, keeping the raw OS error for the callers here.
+    if crate::mem::vm_read(pid, addr, buf)? < buf.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
     }
     Ok(())
 }

@@ -108,12 +108,23 @@ pub fn read_memory_partial(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize>
 pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
     let n = vm_io(pid, addr, buf.as_mut_ptr(), buf.len(), false)
         .map_err(|e| mem_err(pid, addr, buf.len(), "read", e))?;
-    if n < buf.len() {
+    whole(pid, addr, n, buf.len(), "read")
+}
+
+/// `process_vm_readv` of `buf` without error mapping: the raw OS error, or how many bytes were read
+/// before the first unreadable page.
+pub(crate) fn vm_read(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    vm_io(pid, addr, buf.as_mut_ptr(), buf.len(), false)
+}
+
+/// A transfer that stopped after `n` of `len` bytes is a memory error at the first byte not moved.
+fn whole(pid: i32, addr: u64, n: usize, len: usize, op: &'static str) -> Result<()> {
+    if n < len {
         return Err(ProcError::Memory {
             pid,
             addr: addr + n as u64,
-            len: buf.len() - n,
-            op: "read",
+            len: len - n,
+            op,
             source: io::Error::from_raw_os_error(libc::EFAULT),
         });
     }
@@ -131,16 +142,7 @@ pub fn read_u64(pid: i32, addr: u64) -> Result<u64> {
 pub fn write_data(pid: i32, addr: u64, bytes: &[u8]) -> Result<()> {
     let n = vm_io(pid, addr, bytes.as_ptr() as *mut u8, bytes.len(), true)
         .map_err(|e| mem_err(pid, addr, bytes.len(), "write", e))?;
-    if n < bytes.len() {
-        return Err(ProcError::Memory {
-            pid,
-            addr: addr + n as u64,
-            len: bytes.len() - n,
-            op: "write",
-            source: io::Error::from_raw_os_error(libc::EFAULT),
-        });
-    }
-    Ok(())
+    whole(pid, addr, n, bytes.len(), "write")
 }
 
 /// Writes `bytes` at `addr` through `/proc/PID/mem` with one `pwrite` (writes read-only text too;
