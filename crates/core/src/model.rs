@@ -1817,6 +1817,15 @@ impl Model {
         self.stubs.remove(func);
     }
 
+    /// Forget every stub range, of any function, that lies inside `area` (a page of code the controller
+    /// unmapped, such as a patch's thunk page).
+    pub fn unregister_stubs_in(&mut self, area: Range) {
+        for v in self.stubs.values_mut() {
+            v.retain(|r| !(r.start >= area.start && r.end <= area.end));
+        }
+        self.stubs.retain(|_, v| !v.is_empty());
+    }
+
     // ------------------------------------------------------------------------------------------------------
 
     fn idx(&self, name: &str) -> Result<usize, Error> {

@@ -94,6 +94,30 @@ fn c5a_return_addresses_are_matched_by_the_call_byte() {
 }
 
 #[test]
+fn c5a_thunk_ranges_block_until_their_page_is_unregistered() {
+    // A patch's thunk (DESIGN §4.3a) is registered as a stub of the function it serves: a thread on it is in f.
+    let page = Range::new(0x9000, 0xa000);
+    let thunk = Range::new(0x9040, 0x90a0);
+    let mut m = Model::new();
+    m.add_thread(Tid(1)).unwrap();
+    m.register_stub(&f(), Range::new(0x7000, 0x7040)).unwrap();
+    m.register_stub(&f(), thunk).unwrap();
+    m.enable(patch_f("p", A_NEW)).unwrap();
+    m.start(&[]).unwrap();
+    let r = m
+        .try_switch(Tid(1), &ThreadStack::reliable(vec![thunk.start, ROOT]))
+        .unwrap();
+    assert!(matches!(r, SwitchOutcome::Blocked { frame: 0, .. }), "{r:?}");
+    // Unmapping the thunk page forgets the thunk only, not the stub page.
+    m.unregister_stubs_in(page);
+    assert_eq!(m.stubs(&f()), [Range::new(0x7000, 0x7040)]);
+    let r = m
+        .try_switch(Tid(1), &ThreadStack::reliable(vec![thunk.start, ROOT]))
+        .unwrap();
+    assert!(matches!(r, SwitchOutcome::Switched(_)), "{r:?}");
+}
+
+#[test]
 fn c5a_stub_ranges_count_as_their_function() {
     let stub = Range::new(0x7000, 0x7040);
     let mut m = Model::new();

@@ -352,6 +352,11 @@ fn drop_patch(s: &mut Session, patch: &str, unload: bool) -> Result<(), Fail> {
             .map(|(_, a)| *a)
             .collect();
         s.doc.thunk_pages.retain(|(p, _)| p != patch);
+        for &p in &pages {
+            s.doc
+                .model
+                .unregister_stubs_in(relive_core::Range::new(p, p + doc::THUNK_PAGE));
+        }
         s.save()?;
         s.conn.unload(rec.handle).map_err(|e| Fail::Error(anyhow!(e)))?;
         for p in pages {

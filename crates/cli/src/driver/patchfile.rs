@@ -566,6 +566,14 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                 .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
             relive_proc::write_code(pid, at, &t.code)
                 .map_err(|e| super::session::proc_err(pid, "cannot write a thunk", e))?;
+            // C5a: a thread inside the thunk is inside the function it serves. Its innermost frame looks like
+            // a stub's (return address at [rsp] on entry), so without this a thread stopped on the thunk's
+            // first instruction could be switched to the other side and then run the version it just left
+            // (a mix), or, once the patch is gone, jump into an unmapped thunk page.
+            s.doc
+                .model
+                .register_stub(&r.func, relive_core::Range::new(at, at + t.code.len() as u64))
+                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
             page = Some((base, used + (t.code.len() as u64).div_ceil(64) * 64));
             if let Some(pr) = s.doc.patches.iter_mut().find(|x| x.name == patch) {
                 for f in pr.objects.iter_mut().flat_map(|o| o.funcs.iter_mut()) {
