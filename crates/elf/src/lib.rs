@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod bytes;
 pub mod cfi;
 pub mod demangle;
 pub mod image;
@@ -13,6 +14,7 @@ pub mod maps;
 pub mod symbols;
 
 pub use addr::{Avma, Svma};
+pub use bytes::FileBytes;
 pub use cfi::{function_ranges, ra_undefined_at};
 pub use demangle::demangle;
 pub use image::{ElfError, ElfImage, LoadSegment, SectionRange, debug_file_candidates, load_bias};

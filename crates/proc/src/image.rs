@@ -3,10 +3,11 @@
 //! load bias, symbols (plus a build-id debug file) and an unwinder over all of them.
 
 use crate::error::{ProcError, Result};
+use crate::mapped::MappedFile;
 use crate::mem::read_memory;
 use relive_elf::{
-    Avma, ElfImage, ModuleMapping, Svma, Symbol, SymbolTable, debug_file_candidates, group_modules,
-    load_bias, parse_maps,
+    Avma, ElfImage, FileBytes, ModuleMapping, Svma, Symbol, SymbolTable, debug_file_candidates,
+    group_modules, load_bias, parse_maps,
 };
 use relive_unwind::{UnwindModule, Unwinder};
 use serde::Serialize;
@@ -35,7 +36,8 @@ pub struct LoadedModule {
     pub deleted: bool,
     pub bias: u64,
     pub image: Arc<ElfImage>,
-    pub data: Arc<Vec<u8>>,
+    /// The file's bytes, mapped read-only (the vDSO: copied from memory).
+    pub data: FileBytes,
     pub bytes_from: BytesFrom,
     pub symbols: Arc<SymbolTable>,
     /// The debug file whose symbols were merged in, if one was found by build-id.
@@ -99,15 +101,20 @@ pub struct ProcessImage {
     pub modules: Vec<LoadedModule>,
 }
 
-fn read_module_bytes(pid: i32, m: &ModuleMapping) -> Result<(Vec<u8>, BytesFrom)> {
+/// Maps a file read-only (its pages are read when touched, not here).
+fn map_file(path: &str) -> std::io::Result<FileBytes> {
+    Ok(FileBytes::new(MappedFile::map(&std::fs::File::open(path)?)?))
+}
+
+fn read_module_bytes(pid: i32, m: &ModuleMapping) -> Result<(FileBytes, BytesFrom)> {
     if m.vdso {
         let mut buf = vec![0u8; (m.end - m.start) as usize];
         read_memory(pid, m.start, &mut buf)?;
-        return Ok((buf, BytesFrom::Memory));
+        return Ok((buf.into(), BytesFrom::Memory));
     }
     let first = m.first_mapping();
     let mf = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
-    match std::fs::read(&mf) {
+    match map_file(&mf) {
         Ok(b) => return Ok((b, BytesFrom::MapFiles)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT)) && !crate::error::process_exists(pid) => {
             return Err(ProcError::TargetDied {
@@ -127,16 +134,16 @@ fn read_module_bytes(pid: i32, m: &ModuleMapping) -> Result<(Vec<u8>, BytesFrom)
         });
     }
     let via_root = format!("/proc/{pid}/root{}", m.path);
-    match std::fs::read(&via_root).or_else(|_| std::fs::read(&m.path)) {
+    match map_file(&via_root).or_else(|_| map_file(&m.path)) {
         Ok(b) => Ok((b, BytesFrom::Path)),
         Err(e) => Err(ProcError::from_os(pid, None, "read a mapped file", e)),
     }
 }
 
-fn find_debug_file(image: &ElfImage, dirs: &[PathBuf]) -> Option<(PathBuf, Vec<u8>)> {
+fn find_debug_file(image: &ElfImage, dirs: &[PathBuf]) -> Option<(PathBuf, FileBytes)> {
     let id = image.build_id.as_ref()?;
     for p in debug_file_candidates(id, dirs) {
-        if let Ok(b) = std::fs::read(&p) {
+        if let Ok(b) = map_file(&p.to_string_lossy()) {
             // Accept it only if its build-id matches.
             if ElfImage::parse(&p.to_string_lossy(), &b)
                 .ok()
@@ -241,7 +248,7 @@ impl ProcessImage {
                 deleted: m.deleted,
                 bias,
                 image: Arc::new(image),
-                data: Arc::new(data),
+                data,
                 bytes_from,
                 symbols: Arc::new(symbols),
                 debug_file: debug.map(|(p, _)| p),

@@ -11,6 +11,7 @@
 pub mod child;
 pub mod error;
 pub mod image;
+pub mod mapped;
 pub mod mem;
 pub mod ptrace;
 pub mod snapshot;

@@ -157,7 +157,7 @@ impl Snapshot {
                 avma_range: m.start..m.end,
                 bias: m.bias,
                 image: Arc::new(image),
-                data: Arc::new(data),
+                data: data.into(),
             });
         }
         Ok(Unwinder::new(mods))

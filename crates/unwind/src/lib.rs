@@ -9,7 +9,7 @@
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _};
-use relive_elf::{ElfImage, Svma};
+use relive_elf::{ElfImage, FileBytes, Svma};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::ops::{Deref, Range};
@@ -136,7 +136,7 @@ impl Stack {
 /// Module bytes shared without copying: framehop wants `Deref<Target = [u8]>` per section.
 #[derive(Clone, Default)]
 struct Bytes {
-    data: Arc<Vec<u8>>,
+    data: FileBytes,
     range: Range<usize>,
 }
 
@@ -157,7 +157,7 @@ pub struct UnwindModule {
     pub bias: u64,
     pub image: Arc<ElfImage>,
     /// The file's bytes (for the vDSO, its in-memory image).
-    pub data: Arc<Vec<u8>>,
+    pub data: FileBytes,
 }
 
 struct ModInfo {
@@ -178,8 +178,6 @@ pub struct Unwinder {
     fh: UnwinderX86_64<Bytes>,
     cache: CacheX86_64,
     mods: Vec<ModInfo>,
-    /// AVMAs of `rt_sigreturn` trampolines found in executable code.
-    trampolines: Vec<u64>,
     extra: Vec<(Range<u64>, String)>,
     root_cache: HashMap<u64, Option<bool>>,
 }
@@ -191,35 +189,18 @@ impl std::fmt::Debug for Unwinder {
                 "modules",
                 &self.mods.iter().map(|m| &m.m.name).collect::<Vec<_>>(),
             )
-            .field("trampolines", &self.trampolines)
             .field("extra", &self.extra)
             .finish()
     }
 }
 
-fn section_bytes(data: &Arc<Vec<u8>>, s: &relive_elf::SectionRange) -> Option<Bytes> {
+fn section_bytes(data: &FileBytes, s: &relive_elf::SectionRange) -> Option<Bytes> {
     let start = usize::try_from(s.file_offset).ok()?;
     let end = start.checked_add(usize::try_from(s.svma.end - s.svma.start).ok()?)?;
     (end <= data.len()).then(|| Bytes {
         data: data.clone(),
         range: start..end,
     })
-}
-
-fn find_all(hay: &[u8], needle: &[u8]) -> Vec<usize> {
-    let Some((&first, rest)) = needle.split_first() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut i = 0;
-    while let Some(p) = hay.get(i..).and_then(|h| h.iter().position(|&b| b == first)) {
-        let at = i + p;
-        if hay.get(at + 1..at + needle.len()) == Some(rest) {
-            out.push(at);
-        }
-        i = at + 1;
-    }
-    out
 }
 
 impl Unwinder {
@@ -229,7 +210,6 @@ impl Unwinder {
             fh: UnwinderX86_64::new(),
             cache: CacheX86_64::new(),
             mods: Vec::new(),
-            trampolines: Vec::new(),
             extra: Vec::new(),
             root_cache: HashMap::new(),
         };
@@ -242,34 +222,21 @@ impl Unwinder {
     /// Adds one module (an object mapped since the unwinder was built, e.g. a patch library); what was
     /// parsed of the other modules is kept.
     pub fn add_module(&mut self, m: UnwindModule) {
-        let (fh, mods, trampolines) = (&mut self.fh, &mut self.mods, &mut self.trampolines);
-        {
-            let img = &m.image;
-            let info = ExplicitModuleSectionInfo {
-                base_svma: 0,
-                text_svma: img.text.as_ref().map(|s| s.svma.clone()),
-                text: img.text.as_ref().and_then(|s| section_bytes(&m.data, s)),
-                got_svma: img.got.as_ref().map(|s| s.svma.clone()),
-                eh_frame_svma: img.eh_frame.as_ref().map(|s| s.svma.clone()),
-                eh_frame: img.eh_frame.as_ref().and_then(|s| section_bytes(&m.data, s)),
-                eh_frame_hdr_svma: img.eh_frame_hdr.as_ref().map(|s| s.svma.clone()),
-                eh_frame_hdr: img.eh_frame_hdr.as_ref().and_then(|s| section_bytes(&m.data, s)),
-                ..Default::default()
-            };
-            fh.add_module(Module::new(m.name.clone(), m.avma_range.clone(), m.bias, info));
-            for seg in img.segments.iter().filter(|s| s.exec) {
-                let (Ok(off), Ok(len)) = (usize::try_from(seg.offset), usize::try_from(seg.filesz)) else {
-                    continue;
-                };
-                if let Some(code) = m.data.get(off..off.saturating_add(len)) {
-                    for i in find_all(code, &SIGRETURN) {
-                        trampolines.push(Svma(seg.vaddr.0 + i as u64).to_avma(m.bias).0);
-                    }
-                }
-            }
-            mods.push(ModInfo { m });
-        }
-        trampolines.sort_unstable();
+        let img = &m.image;
+        let info = ExplicitModuleSectionInfo {
+            base_svma: 0,
+            text_svma: img.text.as_ref().map(|s| s.svma.clone()),
+            text: img.text.as_ref().and_then(|s| section_bytes(&m.data, s)),
+            got_svma: img.got.as_ref().map(|s| s.svma.clone()),
+            eh_frame_svma: img.eh_frame.as_ref().map(|s| s.svma.clone()),
+            eh_frame: img.eh_frame.as_ref().and_then(|s| section_bytes(&m.data, s)),
+            eh_frame_hdr_svma: img.eh_frame_hdr.as_ref().map(|s| s.svma.clone()),
+            eh_frame_hdr: img.eh_frame_hdr.as_ref().and_then(|s| section_bytes(&m.data, s)),
+            ..Default::default()
+        };
+        self.fh
+            .add_module(Module::new(m.name.clone(), m.avma_range.clone(), m.bias, info));
+        self.mods.push(ModInfo { m });
     }
 
     /// Whether a module covering `avma_range` from `name` is known already.
@@ -290,9 +257,26 @@ impl Unwinder {
         self.extra.retain(|(r, _)| r.start != start);
     }
 
-    /// The `rt_sigreturn` trampolines found (AVMAs).
-    pub fn sigreturn_trampolines(&self) -> &[u64] {
-        &self.trampolines
+    /// Whether `avma` is the start of an `rt_sigreturn` trampoline (glibc's `__restore_rt`: the exact
+    /// instruction bytes, in an executable segment of a known module). Checked where a frame needs it, from
+    /// the module's bytes, rather than by scanning every object's code up front.
+    pub fn is_sigreturn_trampoline(&self, avma: u64) -> bool {
+        let Some(m) = self.module_for(avma) else {
+            return false;
+        };
+        let svma = avma.wrapping_sub(m.bias);
+        m.image.segments.iter().filter(|s| s.exec).any(|seg| {
+            let Some(rel) = svma.checked_sub(seg.vaddr.0) else {
+                return false;
+            };
+            if rel.saturating_add(SIGRETURN.len() as u64) > seg.filesz {
+                return false;
+            }
+            let Some(off) = seg.offset.checked_add(rel).and_then(|o| usize::try_from(o).ok()) else {
+                return false;
+            };
+            m.data.get(off..off.saturating_add(SIGRETURN.len())) == Some(&SIGRETURN[..])
+        })
     }
 
     fn module_for(&self, avma: u64) -> Option<&UnwindModule> {
@@ -402,7 +386,7 @@ impl Unwinder {
             }
             match self.fh.unwind_frame(addr, &mut regs, &mut self.cache, &mut read) {
                 Ok(Some(ra)) => {
-                    if self.trampolines.binary_search(&ra).is_ok() {
+                    if self.is_sigreturn_trampoline(ra) {
                         // The caller is the signal trampoline: record it, then continue from the
                         // interrupted context saved in the ucontext (PROTOTYPE §2).
                         if frames.len() >= max_depth {
@@ -451,10 +435,11 @@ impl Unwinder {
     }
 
     fn trampoline_offset(&self, ip: u64) -> Option<u64> {
-        let i = self.trampolines.partition_point(|&t| t <= ip);
-        let t = *self.trampolines.get(i.checked_sub(1)?)?;
         // At the `mov` (offset 0) or the `syscall` (offset 7) rsp points at the ucontext.
-        matches!(ip - t, 0 | 7).then_some(ip - t)
+        [0, 7].into_iter().find(|&off| {
+            ip.checked_sub(off)
+                .is_some_and(|t| self.is_sigreturn_trampoline(t))
+        })
     }
 
     fn signal_frame(

@@ -40,7 +40,7 @@ fn syn() -> Syn {
         avma_range: BIAS..BIAS + 0x4000,
         bias: BIAS,
         image: Arc::new(image),
-        data: Arc::new(data),
+        data: data.into(),
     };
     Syn {
         unwinder: Unwinder::new([m]),
@@ -101,7 +101,9 @@ fn t_d45_reliable_only_at_a_cfi_root() {
 fn t_d45_steps_through_a_signal_frame() {
     let mut s = syn();
     let (leaf, root, restore) = (s.sym["syn_leaf"], s.sym["syn_root"], s.sym["syn_restore"]);
-    assert_eq!(s.unwinder.sigreturn_trampolines(), &[restore]);
+    assert!(s.unwinder.is_sigreturn_trampoline(restore));
+    assert!(!s.unwinder.is_sigreturn_trampoline(restore + 1));
+    assert!(!s.unwinder.is_sigreturn_trampoline(leaf));
     // Handler (syn_leaf) returns to the trampoline; the ucontext follows at S+32; its gregs
     // (at +40) hold the interrupted rip (16), rsp (15) and rbp (10).
     let uc = S + 32;
