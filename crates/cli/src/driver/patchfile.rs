@@ -529,6 +529,25 @@ pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, F
     Ok(rec)
 }
 
+/// The registers the new version at `addr` (`size` bytes, already loaded in `pid`) may clobber, when
+/// they are known: it calls nothing, or only code the analysis can see. `None` means "any register".
+fn new_version_clobbers(pid: i32, addr: u64, size: u64) -> Option<RegSet> {
+    if size == 0 || size > 1 << 20 {
+        return None;
+    }
+    let mut bytes = vec![0u8; size as usize];
+    relive_proc::read_memory(pid, addr, &mut bytes).ok()?;
+    let fb = FunctionBytes {
+        name: "new version",
+        addr,
+        bytes: &bytes,
+    };
+    match relive_x86::clobbered_registers(fb, &mut |_| None) {
+        Ok(relive_x86::Clobbers::Known(set)) => Some(set),
+        _ => None,
+    }
+}
+
 /// Builds the register-preserving thunks (DESIGN §4.3a) of the patch just loaded, in pages near its code.
 pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fail> {
     let (_, width) = vector_width();
@@ -539,15 +558,23 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
             if r.preserve.is_empty() {
                 continue;
             }
-            let Some(target) = s.doc.patch(patch).and_then(|pr| {
+            let Some((target, new_size)) = s.doc.patch(patch).and_then(|pr| {
                 pr.objects
                     .iter()
                     .flat_map(|o| o.funcs.iter())
                     .find(|f| f.func == r.func)
-                    .map(|f| f.new_addr)
+                    .map(|f| (f.new_addr, f.new_size))
             }) else {
                 continue;
             };
+            // Only what the new version may clobber needs saving: analyse its loaded code (a call out of
+            // it, through the PLT or otherwise, is unknown and means "everything"; DESIGN §4.3a).
+            let preserve = new_version_clobbers(pid, target, new_size)
+                .map(|c| r.preserve.minus(r.preserve.minus(c)))
+                .unwrap_or(r.preserve);
+            if preserve.is_empty() {
+                continue;
+            }
             let (base, used) = match page {
                 Some(pg) if pg.1 + 512 <= THUNK_PAGE => pg,
                 _ => {
@@ -562,7 +589,7 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                 }
             };
             let at = base + used;
-            let t = relive_x86::encode_preserving_thunk(at, target, r.preserve, width, 0)
+            let t = relive_x86::encode_preserving_thunk(at, target, preserve, width, 0)
                 .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
             relive_proc::write_code(pid, at, &t.code)
                 .map_err(|e| super::session::proc_err(pid, "cannot write a thunk", e))?;
