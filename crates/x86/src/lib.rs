@@ -85,7 +85,7 @@ pub use regs::{
     Clobbers, FunctionCode, MAX_FUNCTIONS, RegSet, Thunk, VectorWidth, clobbered_registers,
     encode_preserving_thunk,
 };
-pub use reloc::{Relocated, decode_all, relocate};
+pub use reloc::{LEAF_COPY_MAX, Relocated, decode_all, relocatable_leaf, relocate};
 pub use stub::{
     DISPATCHER_MAX_LEN, Direction, Dispatch, StateWidth, StubPage, TlsSlot, encode_dispatcher, encode_jump,
 };

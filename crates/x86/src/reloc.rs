@@ -136,3 +136,105 @@ fn complete_offsets(block: &[Instruction], reported: &[u32], code: &[u8], ip: u6
     }
     Some(out)
 }
+
+/// The longest new version [`relocatable_leaf`] copies.
+pub const LEAF_COPY_MAX: usize = 256;
+
+/// Whether the function at `ip` (`bytes`, its whole extent) can run unchanged at any other address, as a
+/// copy placed within `jmp rel32` reach of a patched entry (DESIGN.md §4.4: "direct jumps once the
+/// transition completes", when the patch library itself is loaded beyond ±2 GiB).
+///
+/// Only a frameless leaf qualifies, so that the copy needs no CFI (its return address is at `[rsp]` at every
+/// instruction, like a stub's) and computes exactly what the original computes:
+/// - no call, no indirect branch, no `syscall`/`int`/`iret`, nothing the decoder calls an exception;
+/// - no RIP-relative operand (the data it would address stays behind), no instruction that reads or writes
+///   `rsp` other than the final `ret`s (no push, pop, `sub rsp`, `[rsp+x]`);
+/// - every branch stays inside the function, and the last instruction is a `ret` or a `jmp` (no fall-through
+///   into whatever follows).
+///
+/// Returns the decoded instructions, ready for [`relocate`] (without a jump back).
+pub fn relocatable_leaf(ip: u64, bytes: &[u8]) -> Option<Vec<Instruction>> {
+    use iced_x86::{InstructionInfoFactory, OpAccess, Register};
+    if bytes.is_empty() || bytes.len() > LEAF_COPY_MAX {
+        return None;
+    }
+    let ins = decode_all(ip, bytes).ok()?;
+    let end = ip + bytes.len() as u64;
+    let mut info = InstructionInfoFactory::new();
+    for i in &ins {
+        match i.flow_control() {
+            FlowControl::Next => {}
+            FlowControl::Return => {
+                if i.code() != Code::Retnq {
+                    return None;
+                }
+                continue; // its implicit use of rsp is the one allowed
+            }
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                let t = i.near_branch_target();
+                if !(ip..end).contains(&t) {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+        if i.is_ip_rel_memory_operand() {
+            return None;
+        }
+        let used = info.info(i);
+        let touches_sp = used.used_registers().iter().any(|r| {
+            matches!(
+                r.register(),
+                Register::RSP | Register::ESP | Register::SP | Register::SPL
+            ) && r.access() != OpAccess::None
+        }) || used
+            .used_memory()
+            .iter()
+            .any(|m| matches!(m.base(), Register::RSP) || matches!(m.index(), Register::RSP));
+        if touches_sp {
+            return None;
+        }
+    }
+    let last = ins.last()?;
+    matches!(
+        last.flow_control(),
+        FlowControl::Return | FlowControl::UnconditionalBranch
+    )
+    .then_some(ins)
+}
+
+#[cfg(test)]
+mod leaf_tests {
+    use super::*;
+
+    #[test]
+    fn a_frameless_leaf_is_copied_and_computes_the_same() {
+        // lea rax,[rdi+rdi+1]; test rdi,rdi; jns +3; neg rax; nop; ret
+        let code = [
+            0x48, 0x8d, 0x44, 0x3f, 0x01, 0x48, 0x85, 0xff, 0x79, 0x03, 0x48, 0xf7, 0xd8, 0xc3,
+        ];
+        let ins = relocatable_leaf(0x7f00_0000_1000, &code).expect("leaf");
+        let r = relocate(&ins, 0x5500_0000_2000, None).unwrap();
+        // Same bytes: nothing position-dependent left (the short branch is relative to its own block).
+        assert_eq!(r.code, code);
+    }
+
+    #[test]
+    fn frames_calls_rip_relative_data_and_fallthrough_are_refused() {
+        let ip = 0x1000;
+        // push rbp; mov rax,rdi; pop rbp; ret
+        assert!(relocatable_leaf(ip, &[0x55, 0x48, 0x89, 0xf8, 0x5d, 0xc3]).is_none());
+        // call rel32; ret
+        assert!(relocatable_leaf(ip, &[0xe8, 0, 0, 0, 0, 0xc3]).is_none());
+        // mov rax,[rip+0]; ret
+        assert!(relocatable_leaf(ip, &[0x48, 0x8b, 0x05, 0, 0, 0, 0, 0xc3]).is_none());
+        // mov rax,[rsp+8]; ret
+        assert!(relocatable_leaf(ip, &[0x48, 0x8b, 0x44, 0x24, 0x08, 0xc3]).is_none());
+        // mov rax,rdi (falls through)
+        assert!(relocatable_leaf(ip, &[0x48, 0x89, 0xf8]).is_none());
+        // jmp rel32 out of the function (a tail call)
+        assert!(relocatable_leaf(ip, &[0xe9, 0x00, 0x10, 0x00, 0x00]).is_none());
+        // jmp [rax] (indirect)
+        assert!(relocatable_leaf(ip, &[0xff, 0x20]).is_none());
+    }
+}

@@ -126,7 +126,8 @@ pub struct FuncRec {
     pub new_symbol: String,
     pub new_addr: u64,
     pub new_size: u64,
-    /// The register-preserving thunk the new version is entered through (DESIGN §4.3a), if needed.
+    /// What calls enter instead of the new version itself, if anything: its register-preserving thunk
+    /// (DESIGN §4.3a), or a copy of a frameless leaf new version within the entry's `jmp rel32` reach.
     pub thunk: Option<u64>,
 }
 

@@ -529,18 +529,23 @@ pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, F
     Ok(rec)
 }
 
-/// The registers the new version at `addr` (`size` bytes, already loaded in `pid`) may clobber, when
-/// they are known: it calls nothing, or only code the analysis can see. `None` means "any register".
-fn new_version_clobbers(pid: i32, addr: u64, size: u64) -> Option<RegSet> {
+/// The loaded code of a new version (`size` bytes at `addr` in `pid`), if it can be read.
+fn read_new_version(pid: i32, addr: u64, size: u64) -> Option<Vec<u8>> {
     if size == 0 || size > 1 << 20 {
         return None;
     }
     let mut bytes = vec![0u8; size as usize];
     relive_proc::read_memory(pid, addr, &mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// The registers the new version at `addr` may clobber, when they are known: it calls nothing, or only code
+/// the analysis can see. `None` means "any register".
+fn new_version_clobbers(addr: u64, bytes: &[u8]) -> Option<RegSet> {
     let fb = FunctionBytes {
         name: "new version",
         addr,
-        bytes: &bytes,
+        bytes,
     };
     match relive_x86::clobbered_registers(fb, &mut |_| None) {
         Ok(relive_x86::Clobbers::Known(set)) => Some(set),
@@ -548,16 +553,59 @@ fn new_version_clobbers(pid: i32, addr: u64, size: u64) -> Option<RegSet> {
     }
 }
 
-/// Builds the register-preserving thunks (DESIGN §4.3a) of the patch just loaded, in pages near its code.
+/// Code pages of one patch, filled in 64-byte slots: thunks near the new versions, leaf copies near the
+/// entries. Each page is recorded in the document (unmapped with the patch) and known to the unwinder.
+struct CodePages {
+    pages: Vec<(u64, u64)>, // (base, used)
+}
+
+impl CodePages {
+    /// A slot of `len` bytes in a page all of whose bytes `ok` accepts, mapping a new page near `near` if none
+    /// has room.
+    fn slot(
+        &mut self,
+        s: &mut Session,
+        patch: &str,
+        near: u64,
+        len: u64,
+        ok: impl Fn(u64) -> bool,
+    ) -> Result<u64, Fail> {
+        let len = len.div_ceil(64) * 64;
+        let found = self
+            .pages
+            .iter_mut()
+            .find(|(b, used)| *used + len <= THUNK_PAGE && ok(*b) && ok(*b + THUNK_PAGE));
+        let (base, used) = match found {
+            Some(pg) => pg,
+            None => {
+                let b = s
+                    .conn
+                    .map_stubs(near, THUNK_PAGE)
+                    .map_err(|e| Fail::Error(anyhow!(e)))?;
+                s.doc.thunk_pages.push((patch.to_owned(), b));
+                s.unwinder
+                    .add_code_range(b..b + THUNK_PAGE, format!("relive thunk of patch {patch}"));
+                self.pages.push((b, 0));
+                self.pages.last_mut().expect("just pushed")
+            }
+        };
+        let at = *base + *used;
+        *used += len;
+        Ok(at)
+    }
+}
+
+/// Builds what calls of the patch's functions enter instead of the new version itself, in pages of the patch:
+/// - a register-preserving thunk (DESIGN §4.3a) where callers rely on registers the new version clobbers;
+/// - otherwise, when the entry's `jmp rel32` cannot reach the new version (the library is loaded beyond
+///   ±2 GiB) and the new version is a frameless leaf, a copy of it within reach, so that a completed patch
+///   costs one direct jump (DESIGN §4.4) instead of a jump to an absolute jump.
 pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fail> {
     let (_, width) = vector_width();
     let pid = s.pid;
-    let mut page: Option<(u64, u64)> = None; // (base, used)
+    let mut pages = CodePages { pages: vec![] };
     for o in &p.objects {
         for r in &o.funcs {
-            if r.preserve.is_empty() {
-                continue;
-            }
             let Some((target, new_size)) = s.doc.patch(patch).and_then(|pr| {
                 pr.objects
                     .iter()
@@ -567,41 +615,55 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
             }) else {
                 continue;
             };
+            let code = read_new_version(pid, target, new_size);
             // Only what the new version may clobber needs saving: analyse its loaded code (a call out of
             // it, through the PLT or otherwise, is unknown and means "everything"; DESIGN §4.3a).
-            let preserve = new_version_clobbers(pid, target, new_size)
-                .map(|c| r.preserve.minus(r.preserve.minus(c)))
-                .unwrap_or(r.preserve);
-            if preserve.is_empty() {
-                continue;
-            }
-            let (base, used) = match page {
-                Some(pg) if pg.1 + 512 <= THUNK_PAGE => pg,
-                _ => {
-                    let b = s
-                        .conn
-                        .map_stubs(target, THUNK_PAGE)
-                        .map_err(|e| Fail::Error(anyhow!(e)))?;
-                    s.doc.thunk_pages.push((patch.to_owned(), b));
-                    s.unwinder
-                        .add_code_range(b..b + THUNK_PAGE, format!("relive thunk of patch {patch}"));
-                    (b, 0)
-                }
+            let preserve = if r.preserve.is_empty() {
+                r.preserve
+            } else {
+                code.as_deref()
+                    .and_then(|c| new_version_clobbers(target, c))
+                    .map(|c| r.preserve.minus(r.preserve.minus(c)))
+                    .unwrap_or(r.preserve)
             };
-            let at = base + used;
-            let t = relive_x86::encode_preserving_thunk(at, target, preserve, width, 0)
-                .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
-            relive_proc::write_code(pid, at, &t.code)
+            let (at, bytes) = if !preserve.is_empty() {
+                let at = pages.slot(s, patch, target, 512, |_| true)?;
+                let t = relive_x86::encode_preserving_thunk(at, target, preserve, width, 0)
+                    .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+                (at, t.code)
+            } else {
+                let plan = p
+                    .plans
+                    .iter()
+                    .find(|(f, _)| *f == r.func)
+                    .map(|(_, pl)| pl.clone())
+                    .or_else(|| s.doc.entry(&r.func).map(|e| e.plan.plan()));
+                let Some(plan) = plan else { continue };
+                if plan.reaches(target) {
+                    continue;
+                }
+                let Some(ins) = code
+                    .as_deref()
+                    .and_then(|c| relive_x86::relocatable_leaf(target, c))
+                else {
+                    continue;
+                };
+                let len = code.as_ref().map_or(0, |c| c.len() as u64) + 16;
+                let at = pages.slot(s, patch, plan.jump_site(), len, |a| plan.reaches(a))?;
+                let copy = relive_x86::relocate(&ins, at, None)
+                    .map_err(|e| Fail::Error(anyhow!("pid {pid}: copy of {}: {e}", r.func.name)))?;
+                (at, copy.code)
+            };
+            relive_proc::write_code(pid, at, &bytes)
                 .map_err(|e| super::session::proc_err(pid, "cannot write a thunk", e))?;
-            // C5a: a thread inside the thunk is inside the function it serves. Its innermost frame looks like
-            // a stub's (return address at [rsp] on entry), so without this a thread stopped on the thunk's
-            // first instruction could be switched to the other side and then run the version it just left
-            // (a mix), or, once the patch is gone, jump into an unmapped thunk page.
+            // C5a: a thread inside a thunk or a copy is inside the function it serves. Its innermost frame
+            // looks like a stub's (return address at [rsp]), so without this a thread stopped there could
+            // be switched to the other side and then run the version it just left (a mix), or, once the
+            // patch is gone, jump into an unmapped page.
             s.doc
                 .model
-                .register_stub(&r.func, relive_core::Range::new(at, at + t.code.len() as u64))
+                .register_stub(&r.func, relive_core::Range::new(at, at + bytes.len() as u64))
                 .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
-            page = Some((base, used + (t.code.len() as u64).div_ceil(64) * 64));
             if let Some(pr) = s.doc.patches.iter_mut().find(|x| x.name == patch) {
                 for f in pr.objects.iter_mut().flat_map(|o| o.funcs.iter_mut()) {
                     if f.func == r.func {
