@@ -1306,13 +1306,13 @@ impl Model {
         });
         let mut replaced = vec![];
         if t.target == PatchState::Patched && self.patches[pi].replace {
-            // R4.1: every other patch is unpatched, with no callbacks.
-            for i in 0..self.patches.len() {
-                if i != pi {
-                    self.patches[i].enabled = false;
-                    self.unlink_patch(i, false);
-                    replaced.push(self.patches[i].name.clone());
-                }
+            // R4.1: every patch listed before the new one is unpatched, with no callbacks. Normally that is
+            // every other patch; after a reversed disable of a replace patch, patches enabled after it are
+            // listed after it and stay (the kernel's klp_unpatch_replaced_patches stops at the new patch).
+            for i in 0..pi {
+                self.patches[i].enabled = false;
+                self.unlink_patch(i, false);
+                replaced.push(self.patches[i].name.clone());
             }
             // R4.2: discard the nops and the dynamic objects.
             self.unlink_patch(pi, true);

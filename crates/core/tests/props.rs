@@ -693,11 +693,10 @@ fn seed() -> u64 {
 }
 
 proptest! {
-    // A fixed seed (RELIVE_PROPTEST_SEED overrides it) keeps CI deterministic. KNOWN OPEN COUNTEREXAMPLE, found by
-    // a random seed in CI: Enable p3 (replace) + Complete, Enable p0 (non-replace, no funcs) + Complete,
-    // Disable p3, Reverse. Property (e) expects {p3, p0} active after the reversed disable; the model leaves {p3}
-    // (the reversed transition completes as a PATCHED replace and drops p0, as the kernel's
-    // klp_complete_transition would). Decide whether (e) or the model is wrong before removing the fixed seed.
+    // A fixed seed (RELIVE_PROPTEST_SEED overrides it) keeps CI deterministic. A random seed once found a
+    // counterexample to (e): Enable p3 (replace) + Complete, Enable p0 + Complete, Disable p3, Reverse dropped
+    // p0. The model was wrong (R4.1 drops only the patches listed before the replace patch); it is fixed and
+    // pinned by rules.rs `r4_reversed_disable_of_a_replace_patch_keeps_the_patches_enabled_after_it`.
     #![proptest_config(ProptestConfig {
         cases: cases(),
         max_shrink_iters: 2000,

@@ -532,3 +532,31 @@ fn events_print_the_kernel_lines() {
         "livepatch: signaling remaining tasks"
     );
 }
+
+#[test]
+fn r4_reversed_disable_of_a_replace_patch_keeps_the_patches_enabled_after_it() {
+    // The counterexample the property tests found (property (e)): replace r, then non-replace p on top (g);
+    // disable r and reverse that. The reversed transition completes as a PATCHED replace, and R4.1 drops only
+    // the patches listed before r (klp_unpatch_replaced_patches stops at the new patch): p stays.
+    let mut sim = one_thread();
+    sim.load_and_settle(patch_f("r", R_NEW).replace(true));
+    sim.load_and_settle(patch_g("p", A_NEW));
+    sim.disable("r").unwrap();
+    // Keep the transition pending (the thread sits in the new f of r), then reverse it.
+    sim.set_stack(1, ThreadStack::reliable(vec![R_NEW.start + 4, ROOT]));
+    assert!(!sim.settle());
+    let out = sim.model.reverse().unwrap();
+    sim.run(&out);
+    sim.set_stack(1, idle_stack());
+    assert!(sim.settle());
+    let active: Vec<&str> = sim
+        .model
+        .patches()
+        .iter()
+        .filter(|p| p.enabled)
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(active, ["r", "p"]);
+    assert_eq!(sim.call(1, &g()), new_code("p", A_NEW));
+    assert_eq!(sim.call(1, &f()), new_code("r", R_NEW));
+}
