@@ -7,6 +7,11 @@
  * sleeps forever inside `held` (test 2, T-cb9). With `--churn N` a spawner creates and joins
  * short-lived threads (test 9): each calls f once and checks it runs `want_version`.
  * With `--signals` a signaller interrupts the workers with SIGUSR1 whose handler calls f (test 10).
+ * With `--park` a parker thread waits for "park" on stdin, then single-steps (EFLAGS.TF) a call of f until
+ * the PC is where f's entry jump leads (the dispatcher's or entry's destination: a thunk or the new f) and
+ * holds the thread there inside its SIGTRAP handler until "unpark"; it prints "parked at 0x..." and, after
+ * the call returns, "unparked v=<version f returned> mix=<n>". A stop of that thread sees the PC saved in the
+ * signal frame: a thread about to enter the new f (the race of the mix test, DESIGN §4.5).
  *
  * Every 20 ms the reporter prints one line:
  *   stats calls=<n> v1=<n> v2=<n> ... mix=<n> workers=<v,v,...> churn=<n> churn_bad=<n> sig=<n>
@@ -20,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #define WORKERS 8
@@ -143,6 +149,66 @@ static void *churner(void *arg) {
     return NULL;
 }
 
+/* --park: see the header. */
+static atomic_ulong park_at;
+static atomic_int park_go, park_release;
+
+/* Where a `jmp rel32` at `p` (after an optional endbr64) leads, following relive's absolute jump
+ * (`jmp *0(%rip)` + address) in a stub page; 0 when `p` holds no jump. */
+static unsigned long jump_dest(const unsigned char *p) {
+    if (p[0] == 0xf3 && p[1] == 0x0f && p[2] == 0x1e && p[3] == 0xfa) p += 4;
+    if (p[0] != 0xe9) return 0;
+    int rel;
+    memcpy(&rel, p + 1, 4);
+    const unsigned char *d = p + 5 + rel;
+    if (d[0] == 0xff && d[1] == 0x25 && !d[2] && !d[3] && !d[4] && !d[5]) {
+        unsigned long a;
+        memcpy(&a, d + 6, 8);
+        return a;
+    }
+    return (unsigned long)d;
+}
+
+static void on_trap(int sig, siginfo_t *si, void *ctx) {
+    (void)sig;
+    (void)si;
+    ucontext_t *uc = ctx;
+    if ((unsigned long)uc->uc_mcontext.gregs[REG_RIP] != atomic_load(&park_at)) return;
+    uc->uc_mcontext.gregs[REG_EFL] &= ~0x100L; /* stop single-stepping */
+    char msg[64];
+    int n = snprintf(msg, sizeof msg, "parked at %#lx\n", atomic_load(&park_at));
+    write(1, msg, n);
+    while (!atomic_load(&park_release)) {
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void *parker(void *arg) {
+    (void)arg;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_trap;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigaction(SIGTRAP, &sa, NULL);
+    while (!atomic_load(&park_go)) {
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    unsigned long at = jump_dest((const unsigned char *)(void *)f);
+    if (!at) {
+        printf("park: f's entry holds no jump\n");
+        return NULL;
+    }
+    atomic_store(&park_at, at);
+    long before = atomic_load(&oracle_mix);
+    __asm__ volatile("pushfq; orq $0x100, (%%rsp); popfq" ::: "memory", "cc");
+    int v = f(5);
+    __asm__ volatile("pushfq; andq $~0x100, (%%rsp); popfq" ::: "memory", "cc");
+    printf("unparked v=%d mix=%ld\n", v, atomic_load(&oracle_mix) - before);
+    return NULL;
+}
+
 static pthread_t workers[WORKERS];
 static void on_usr1(int sig) {
     (void)sig;
@@ -166,6 +232,8 @@ static void *reader(void *arg) {
     while (fgets(line, sizeof line, stdin)) {
         int v;
         if (sscanf(line, "want %d", &v) == 1) atomic_store(&oracle_want, v);
+        if (!strcmp(line, "park\n")) atomic_store(&park_go, 1);
+        if (!strcmp(line, "unpark\n")) atomic_store(&park_release, 1);
         if (sscanf(line, "churn %d", &v) == 1) {
             pthread_t t;
             pthread_create(&t, NULL, churner, (void *)(long)v);
@@ -176,10 +244,11 @@ static void *reader(void *arg) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    int stall = 0, sigs = 0;
+    int stall = 0, sigs = 0, park = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stall")) stall = 1;
         if (!strcmp(argv[i], "--signals")) sigs = 1;
+        if (!strcmp(argv[i], "--park")) park = 1;
         if (!strcmp(argv[i], "--churn") && i + 1 < argc) churn_total = atol(argv[++i]);
         if (!strcmp(argv[i], "--duty") && i + 1 < argc) duty = atol(argv[++i]);
     }
@@ -197,6 +266,7 @@ int main(int argc, char **argv) {
     if (stall) pthread_create(&t, NULL, holder, NULL);
     if (churn_total) pthread_create(&t, NULL, churner, (void *)churn_total);
     if (sigs) pthread_create(&t, NULL, signaller, NULL);
+    if (park) pthread_create(&t, NULL, parker, NULL);
     pthread_create(&t, NULL, reader, NULL);
     tiny();
     /* Wait until every worker has made a call before declaring readiness. */

@@ -31,6 +31,51 @@ fn serial_t_issue5_1_consistency_oracle_100_cycles() {
     assert!(num(&s, "v2") > 0 && num(&s, "v1") > 0, "{s:?}");
 }
 
+/// SPEC C5a, DESIGN §4.3a/§4.5 (the rare "mix after disable" of the oracle test): a thread stopped at the
+/// first instruction of the register-preserving thunk that enters the new f is about to run the new f. Its
+/// stack unwinds cleanly through that instruction (the thunk has pushed nothing yet), so unless the thunk
+/// counts as f, the unpatching transition switched it: the new f then ran with the old g (a mix), or the
+/// thread returned into the thunk page after the patch was unloaded. The target parks a thread there (in a
+/// SIGTRAP handler of single-stepping, so the PC is saved in a signal frame, and C5a must read that PC as the
+/// next instruction, not as a return address) and holds it: disable must wait for it, naming f, and complete
+/// once it has left.
+#[test]
+fn serial_t_issue5_thread_at_thunk_entry_blocks_unpatching_c5a() {
+    let mut t = oracle(&["--park", "--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("a", &["VERSION=2"]);
+    let a = a.to_str().unwrap();
+    ok(&["apply", &pid, a]);
+    t.wait_workers(2);
+    t.send("park");
+    // Where f's entry leads: f's thunk (it calls g through the PLT, so its thunk saves everything). Were
+    // there no thunk, this would be the first byte of the new f, which a signal frame holds just the same.
+    t.wait_line("parked at ");
+    let o = relive(&["--json", "disable", &pid, "a", "--timeout", "2"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "a thread at the thunk entry of f was switched: {}",
+        text(&o)
+    );
+    let j = json(&o);
+    assert!(
+        j["blockers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["function"] == "f"),
+        "{j}"
+    );
+    t.send("unpark");
+    let done = t.wait_line("unparked ");
+    assert_eq!(done, "unparked v=2 mix=0", "the parked thread ran a mix");
+    ok(&["transition", &pid]);
+    let s = t.wait_workers(1);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    assert!(t.alive());
+}
+
 fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(o)))
 }

@@ -1167,7 +1167,10 @@ impl Model {
         let forbidden = self.forbidden();
         for (frame, &pc) in stack.pcs.iter().enumerate() {
             for &(func, range, owner) in &forbidden {
-                let hit = if frame == 0 {
+                // C5a: the live PC and PCs saved by signals are the next instruction to run (a thread
+                // interrupted at the first byte of a function, or of a thunk that enters it, is committed to
+                // running it); the other frames are return addresses, inside the call before them.
+                let hit = if stack.is_exact(frame) {
                     range.contains_pc(pc)
                 } else {
                     range.contains_return_address(pc)

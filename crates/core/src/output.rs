@@ -293,21 +293,40 @@ impl Output {
 }
 
 /// A thread's stack as the unwinder saw it (DESIGN §4.5): innermost first; `pcs[0]` is the live PC, the rest
-/// are return addresses.
+/// are return addresses except the frames listed in `interrupted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadStack {
     pub pcs: Vec<u64>,
     /// True only if unwinding reached a thread root without error (U2).
     pub reliable: bool,
+    /// Indices of the frames after the first whose PC is the exact address of the next instruction to run,
+    /// not a return address: the PC a signal interrupted (saved in the signal frame, U3), or a PC inside
+    /// generated code reached that way. C5a checks them like `pcs[0]` (the byte at the PC, not the one
+    /// before it): a PC at the first byte of a forbidden range is inside it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interrupted: Vec<usize>,
 }
 
 impl ThreadStack {
     pub fn reliable(pcs: Vec<u64>) -> Self {
-        ThreadStack { pcs, reliable: true }
+        ThreadStack {
+            pcs,
+            reliable: true,
+            interrupted: Vec::new(),
+        }
     }
 
     pub fn unreliable(pcs: Vec<u64>) -> Self {
-        ThreadStack { pcs, reliable: false }
+        ThreadStack {
+            pcs,
+            reliable: false,
+            interrupted: Vec::new(),
+        }
+    }
+
+    /// Whether frame `i`'s PC is an exact instruction address (the live PC, or one listed in `interrupted`).
+    pub fn is_exact(&self, i: usize) -> bool {
+        i == 0 || self.interrupted.contains(&i)
     }
 }
 

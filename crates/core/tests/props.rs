@@ -102,6 +102,7 @@ impl StackGen {
         ThreadStack {
             pcs,
             reliable: self.reliable,
+            interrupted: Vec::new(),
         }
     }
 }

@@ -152,6 +152,36 @@ fn c5a_stub_ranges_count_as_their_function() {
 }
 
 #[test]
+fn c5a_pcs_saved_by_signals_are_matched_exactly() {
+    // A signal interrupted the thread at the first byte of a forbidden range (here a thunk that enters a
+    // version of f, registered as f's stub, or f itself): the interrupted code runs that byte next, so f is
+    // active. As a return address the same value would belong to the code before the range.
+    let thunk = Range::new(0x7000, 0x7040);
+    let mut m = Model::new();
+    m.add_thread(Tid(1)).unwrap();
+    m.register_stub(&f(), thunk).unwrap();
+    m.enable(patch_f("p", A_NEW)).unwrap();
+    m.start(&[]).unwrap();
+    for start in [thunk.start, F_OLD.start] {
+        let mut st = ThreadStack::reliable(vec![ELSEWHERE, start, ROOT]);
+        st.interrupted = vec![1];
+        let r = m.try_switch(Tid(1), &st).unwrap();
+        assert!(
+            matches!(r, SwitchOutcome::Blocked { frame: 1, address, .. } if address == start),
+            "{start:#x}: {r:?}"
+        );
+    }
+    // The end of a range is the next instruction after it: not inside.
+    let mut st = ThreadStack::reliable(vec![ELSEWHERE, F_OLD.end, ROOT]);
+    st.interrupted = vec![1];
+    assert!(st.is_exact(0) && st.is_exact(1) && !st.is_exact(2));
+    assert!(matches!(
+        m.try_switch(Tid(1), &st).unwrap(),
+        SwitchOutcome::Switched(_)
+    ));
+}
+
+#[test]
 fn r5_reversed_replace_nop_checks_the_original_and_keeps_old_patches() {
     let mut sim = one_thread();
     sim.load_and_settle(patch_f("a", A_NEW));

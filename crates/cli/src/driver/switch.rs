@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use relive_core::{PatchState, SwitchOutcome, ThreadStack, Tid};
 use relive_proc::PageCacheReader;
-use relive_unwind::StartRegs;
+use relive_unwind::{FrameKind, StartRegs};
 
 use super::progress::{Blocker, Progress};
 use super::session::{Session, proc_err};
@@ -176,9 +176,20 @@ pub fn settle(
     if s.doc.model.thread(Tid(tid)).is_some_and(|i| i.pending) {
         let stack = stack_of(s);
         let pcs: Vec<u64> = stack.frames.iter().map(|f| f.pc).collect();
+        // C5a: a PC saved by a signal (and a stub frame, which the unwinder accepts only there or innermost)
+        // is the next instruction to run, not a return address: checked at its own byte.
+        let interrupted = stack
+            .frames
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, f)| matches!(f.kind, FrameKind::SignalInterrupted | FrameKind::Stub { .. }))
+            .map(|(i, _)| i)
+            .collect();
         let ts = ThreadStack {
             pcs,
             reliable: stack.verdict.is_reliable(),
+            interrupted,
         };
         let outcome = s
             .doc

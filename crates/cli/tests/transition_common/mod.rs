@@ -103,6 +103,26 @@ impl Target {
         }
     }
 
+    /// Waits for a line the target prints that starts with `prefix` (stats lines aside) and returns it.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self.child.next_line(left).unwrap_or_else(|| {
+                panic!(
+                    "the target printed no line starting with {prefix:?}: {:?}",
+                    self.seen
+                )
+            });
+            if !l.starts_with("stats ") {
+                self.seen.push(l);
+            }
+        }
+    }
+
     pub fn callbacks(&mut self) -> Vec<String> {
         let _ = self.stats();
         self.seen
