@@ -627,7 +627,7 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                     .unwrap_or(r.preserve)
             };
             let (at, bytes) = if !preserve.is_empty() {
-                let at = pages.slot(s, patch, target, 512, |_| true)?;
+                let at = pages.slot(s, patch, target, 512, |a| relive_x86::rel32_reaches(a, target))?;
                 let t = relive_x86::encode_preserving_thunk(at, target, preserve, width, 0)
                     .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
                 (at, t.code)
