@@ -648,10 +648,22 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                 else {
                     continue;
                 };
-                let len = code.as_ref().map_or(0, |c| c.len() as u64) + 16;
+                // The copy's size does not depend on where it goes (its branches stay inside it): encode it
+                // once to size its slot, then for real at the slot.
+                let copy_at = |at: u64| {
+                    relive_x86::relocate(&ins, at, None)
+                        .map_err(|e| Fail::Error(anyhow!("pid {pid}: copy of {}: {e}", r.func.name)))
+                };
+                let len = copy_at(plan.jump_site())?.code.len() as u64;
                 let at = pages.slot(s, patch, plan.jump_site(), len, |a| plan.reaches(a))?;
-                let copy = relive_x86::relocate(&ins, at, None)
-                    .map_err(|e| Fail::Error(anyhow!("pid {pid}: copy of {}: {e}", r.func.name)))?;
+                let copy = copy_at(at)?;
+                if copy.code.len() as u64 > len.div_ceil(64) * 64 {
+                    return Err(Fail::Error(anyhow!(
+                        "pid {pid}: the copy of {} grew from {len} to {} bytes at {at:#x} (internal error)",
+                        r.func.name,
+                        copy.code.len()
+                    )));
+                }
                 (at, copy.code)
             };
             relive_proc::write_code(pid, at, &bytes)
