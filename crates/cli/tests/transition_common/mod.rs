@@ -192,9 +192,27 @@ pub fn text(o: &Output) -> String {
     )
 }
 
-/// The bytes of the target's executable text (first r-xp mapping of the executable) and its map.
+/// The target's mappings that relive could add or change: every file-backed, special (`[vdso]`, …) or
+/// executable mapping. Anonymous non-executable mappings are left out: they are malloc arenas and thread
+/// stacks, which the target's threads (and the agent's service thread answering a request) grow, trim and
+/// re-create on their own; a glibc arena was once caught being re-created between two reads. relive's own
+/// pages (stubs, thunks, copies) are anonymous r-x and stay in.
+pub fn relive_relevant_maps(maps: &str) -> String {
+    maps.lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let anonymous = f.len() < 6;
+            let exec = f.get(1).is_some_and(|p| p.contains('x'));
+            !anonymous || exec
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The bytes of the target's executable text (first r-xp mapping of the executable) and its map (the part
+/// relive could change: [`relive_relevant_maps`]).
 pub fn text_and_maps(t: &Target) -> (Vec<u8>, String) {
-    let maps = t.maps();
+    let maps = relive_relevant_maps(&t.maps());
     let exe = std::fs::read_link(format!("/proc/{}/exe", t.pid())).expect("exe link");
     let line = maps
         .lines()
