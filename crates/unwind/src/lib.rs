@@ -264,19 +264,19 @@ impl Unwinder {
         let Some(m) = self.module_for(avma) else {
             return false;
         };
-        let svma = avma.wrapping_sub(m.bias);
-        m.image.segments.iter().filter(|s| s.exec).any(|seg| {
-            let Some(rel) = svma.checked_sub(seg.vaddr.0) else {
-                return false;
-            };
-            if rel.saturating_add(SIGRETURN.len() as u64) > seg.filesz {
-                return false;
-            }
-            let Some(off) = seg.offset.checked_add(rel).and_then(|o| usize::try_from(o).ok()) else {
-                return false;
-            };
-            m.data.get(off..off.saturating_add(SIGRETURN.len())) == Some(&SIGRETURN[..])
-        })
+        let svma = Svma(avma.wrapping_sub(m.bias));
+        let len = SIGRETURN.len() as u64;
+        let in_code = m
+            .image
+            .segments
+            .iter()
+            .any(|s| s.exec && svma.0 >= s.vaddr.0 && svma.0.saturating_add(len) <= s.vaddr.0 + s.filesz);
+        in_code
+            && m.image
+                .svma_to_offset(svma)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| m.data.get(o..o.saturating_add(SIGRETURN.len())))
+                == Some(&SIGRETURN[..])
     }
 
     fn module_for(&self, avma: u64) -> Option<&UnwindModule> {
