@@ -174,7 +174,12 @@ fn serial_t_issue7_a_pid_the_user_may_not_trace() {
         "perm",
         "#include <relive.h>\nconst char *g2(int n){(void)n;return \"x\";}\nRELIVE_PATCH(\"perm\",0,0);\nRELIVE_OBJECT(\"exe\",\"\");\nRELIVE_FUNC(\"exe\",greeting,0,g2);\n",
     );
-    let p = p.to_str().unwrap();
+    // nobody must be able to read the patch, or apply stops at the file (a checkout under a 0700 directory,
+    // such as one made by mktemp -d): a world-readable copy in the temp directory.
+    let readable = std::env::temp_dir().join(format!("relive-perm-{}.so", std::process::id()));
+    std::fs::copy(&p, &readable).unwrap();
+    std::fs::set_permissions(&readable, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let p = readable.to_str().unwrap();
     for args in [
         vec!["apply", &pid, p],
         vec!["check", &pid, p],
@@ -191,6 +196,7 @@ fn serial_t_issue7_a_pid_the_user_may_not_trace() {
             &[&pid, "permission", "CAP_SYS_PTRACE"],
         );
     }
+    let _ = std::fs::remove_file(&readable);
 }
 
 /// SPEC D5: a name two local symbols share needs a sympos; a sympos past the last is refused. The target has
