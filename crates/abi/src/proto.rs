@@ -49,8 +49,14 @@
 //! | 13 | Unlock | owner u32 | Done |
 //! | 14 | List | – | Libraries { count u32, then per library: handle u64, base u64, label str } (label: the path, or the memfd's name) |
 //! | 15 | SetStates | count u32, then per state: patch str, id u64, version u32; prev_count u32, then per id: patch str, id u64 | Done (SPEC §8: the table `relive_state_get`/`relive_state_get_prev` answer from) |
+//! | 16 | StopFreeStatus | – | StopFree { ready u32 (0/1), reason str } (reason empty when ready; PAUSE-FREE.md §2) |
+//! | 17 | PokeText | count u32 (at most [`MAX_POKE_SITES`]), then per site: addr u64, bytes bytes, expect bytes, dest u64 | Poked { sites_written u32, hits u64, window_ns u64 } (the int3 protocol over every site, done by the agent) |
 //!
 //! Any request may answer `Error { errno i32, message str }`.
+//!
+//! An agent older than a request kind answers it with `Error { errno: EPROTO, message: "malformed
+//! request: unknown message kind …" }` (the frame version is unchanged): [`is_unknown_kind_error`]
+//! recognises that answer, so a controller falls back to what the older agent supports.
 
 use thiserror::Error;
 
@@ -73,20 +79,74 @@ pub const RESPONSE_BIT: u16 = 0x8000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Ping,
-    LoadPath { path: String },
-    CreateMemfd { name: String, size: u64 },
-    CloseFd { fd: i32 },
-    Dlsym { handle: u64, name: String },
-    Unload { handle: u64 },
-    Callback { handle: u64, name: String },
-    MapStubs { near: u64, len: u64 },
-    Unmap { addr: u64, len: u64 },
-    SetImport { handle: u64, slot: String, value: u64 },
-    WriteBody { body_version: u32, body: Vec<u8> },
-    Lock { owner: u32 },
-    Unlock { owner: u32 },
+    LoadPath {
+        path: String,
+    },
+    CreateMemfd {
+        name: String,
+        size: u64,
+    },
+    CloseFd {
+        fd: i32,
+    },
+    Dlsym {
+        handle: u64,
+        name: String,
+    },
+    Unload {
+        handle: u64,
+    },
+    Callback {
+        handle: u64,
+        name: String,
+    },
+    MapStubs {
+        near: u64,
+        len: u64,
+    },
+    Unmap {
+        addr: u64,
+        len: u64,
+    },
+    SetImport {
+        handle: u64,
+        slot: String,
+        value: u64,
+    },
+    WriteBody {
+        body_version: u32,
+        body: Vec<u8>,
+    },
+    Lock {
+        owner: u32,
+    },
+    Unlock {
+        owner: u32,
+    },
     List,
-    SetStates { table: StateTable },
+    SetStates {
+        table: StateTable,
+    },
+    /// Whether the agent can do stop-free entry writes now (PAUSE-FREE.md §2).
+    StopFreeStatus,
+    /// Write every site with the int3 protocol, batched (`relive_x86::int3_batch` order).
+    PokeText {
+        sites: Vec<PokeSite>,
+    },
+}
+
+/// Most sites one `PokeText` carries.
+pub const MAX_POKE_SITES: usize = 256;
+
+/// One entry write of `PokeText`: `expect` is what `addr` holds now, `bytes` what it will hold (same
+/// length, one instruction each), `dest` where the agent's SIGTRAP handler sends a thread that traps on
+/// the transient int3 (what executing `bytes` would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PokeSite {
+    pub addr: u64,
+    pub bytes: Vec<u8>,
+    pub expect: Vec<u8>,
+    pub dest: u64,
 }
 
 /// `SetStates` (SPEC §8, ST1–ST2) carries the states of every installed or transitioning patch and
@@ -132,14 +192,49 @@ pub const MAX_LIBS: usize = 256;
 /// A response from the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    Pong { agent_version: u32, pid: u32 },
-    Loaded { handle: u64, base: u64 },
-    Fd { fd: i32 },
-    Addr { addr: u64 },
-    Int { value: i32 },
+    Pong {
+        agent_version: u32,
+        pid: u32,
+    },
+    Loaded {
+        handle: u64,
+        base: u64,
+    },
+    Fd {
+        fd: i32,
+    },
+    Addr {
+        addr: u64,
+    },
+    Int {
+        value: i32,
+    },
     Done,
-    Error { errno: i32, message: String },
-    Libraries { libs: Vec<LibInfo> },
+    Error {
+        errno: i32,
+        message: String,
+    },
+    Libraries {
+        libs: Vec<LibInfo>,
+    },
+    /// `ready`: stop-free entry writes are possible now; else `reason` says what prevents them.
+    StopFree {
+        ready: bool,
+        reason: String,
+    },
+    /// `PokeText` done: sites written (already-done sites are skipped), int3 hits the handler counted
+    /// during the request, and the request's wall time in the agent.
+    Poked {
+        sites_written: u32,
+        hits: u64,
+        window_ns: u64,
+    },
+}
+
+/// Whether an `Error` answer is an agent's "unknown message kind" (an agent older than the request).
+pub fn is_unknown_kind_error(errno: i32, message: &str) -> bool {
+    const EPROTO: i32 = 71;
+    errno == EPROTO && message.contains("unknown message kind")
 }
 
 /// Why a frame could not be decoded.
@@ -169,6 +264,12 @@ pub enum ProtoError {
         kind: u16,
         field: &'static str,
         len: usize,
+    },
+    #[error("field `{field}` of message kind {kind:#x} has the invalid value {value}")]
+    BadValue {
+        kind: u16,
+        field: &'static str,
+        value: u64,
     },
     #[error("frame header is {got} bytes, needs {FRAME_HEADER}")]
     ShortHeader { got: usize },
@@ -229,6 +330,14 @@ impl W {
     fn u64(&mut self, x: u64) -> &mut Self {
         self.0.extend_from_slice(&x.to_le_bytes());
         self
+    }
+    fn str(&mut self, s: &str) -> &mut Self {
+        // Truncate on a char boundary so a peer never emits an over-long string.
+        let mut end = s.len().min(MAX_STR);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.bytes(&s.as_bytes()[..end])
     }
     fn bytes(&mut self, b: &[u8]) -> &mut Self {
         self.u32(b.len() as u32);
@@ -316,6 +425,8 @@ impl Request {
             Request::Unlock { .. } => 13,
             Request::List => 14,
             Request::SetStates { .. } => 15,
+            Request::StopFreeStatus => 16,
+            Request::PokeText { .. } => 17,
         }
     }
 
@@ -323,7 +434,14 @@ impl Request {
     pub fn encode(&self, seq: u32) -> Vec<u8> {
         let mut w = W::new(self.kind(), seq);
         match self {
-            Request::Ping | Request::List => {}
+            Request::Ping | Request::List | Request::StopFreeStatus => {}
+            Request::PokeText { sites } => {
+                // Not truncated: more than MAX_POKE_SITES is rejected by the decoder, never half-sent.
+                w.u32(sites.len() as u32);
+                for s in sites {
+                    w.u64(s.addr).bytes(&s.bytes).bytes(&s.expect).u64(s.dest);
+                }
+            }
             Request::LoadPath { path } => {
                 w.bytes(path.as_bytes());
             }
@@ -452,6 +570,23 @@ impl Request {
                     table: StateTable { states, prev },
                 }
             }
+            16 => Request::StopFreeStatus,
+            17 => {
+                let n = r.u32("count")? as usize;
+                if n > MAX_POKE_SITES {
+                    return Err(ProtoError::TooLong { len: n });
+                }
+                let mut sites = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sites.push(PokeSite {
+                        addr: r.u64("addr")?,
+                        bytes: r.bytes("bytes")?.to_vec(),
+                        expect: r.bytes("expect")?.to_vec(),
+                        dest: r.u64("dest")?,
+                    });
+                }
+                Request::PokeText { sites }
+            }
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -472,6 +607,8 @@ impl Response {
                 Response::Done => 6,
                 Response::Error { .. } => 7,
                 Response::Libraries { .. } => 8,
+                Response::StopFree { .. } => 9,
+                Response::Poked { .. } => 10,
             }
     }
 
@@ -496,13 +633,17 @@ impl Response {
             }
             Response::Done => {}
             Response::Error { errno, message } => {
-                let m = message.as_bytes();
-                // Truncate on a char boundary so the agent never emits an over-long string.
-                let mut end = m.len().min(MAX_STR);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                w.u32(*errno as u32).bytes(&m[..end]);
+                w.u32(*errno as u32).str(message);
+            }
+            Response::StopFree { ready, reason } => {
+                w.u32(*ready as u32).str(reason);
+            }
+            Response::Poked {
+                sites_written,
+                hits,
+                window_ns,
+            } => {
+                w.u32(*sites_written).u64(*hits).u64(*window_ns);
             }
             Response::Libraries { libs } => {
                 let libs = &libs[..libs.len().min(MAX_LIBS)];
@@ -555,6 +696,25 @@ impl Response {
                 }
                 Response::Libraries { libs }
             }
+            0x8009 => Response::StopFree {
+                ready: match r.u32("ready")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(ProtoError::BadValue {
+                            kind,
+                            field: "ready",
+                            value: v as u64,
+                        });
+                    }
+                },
+                reason: r.str("reason")?,
+            },
+            0x800a => Response::Poked {
+                sites_written: r.u32("sites_written")?,
+                hits: r.u64("hits")?,
+                window_ns: r.u64("window_ns")?,
+            },
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
         r.end()?;
@@ -616,6 +776,24 @@ mod tests {
             Request::Lock { owner: 10 },
             Request::Unlock { owner: 10 },
             Request::List,
+            Request::StopFreeStatus,
+            Request::PokeText { sites: vec![] },
+            Request::PokeText {
+                sites: vec![
+                    PokeSite {
+                        addr: 0x5555_0000_1000,
+                        bytes: vec![0xe9, 1, 2, 3, 4],
+                        expect: vec![0x0f, 0x1f, 0x44, 0, 0],
+                        dest: 0x5555_0000_2000,
+                    },
+                    PokeSite {
+                        addr: 0x5555_0000_1040,
+                        bytes: vec![0x66, 0x90],
+                        expect: vec![0xeb, 0x10],
+                        dest: 0x5555_0000_1042,
+                    },
+                ],
+            },
             Request::SetStates {
                 table: StateTable {
                     states: vec![StateEntry {
@@ -652,6 +830,19 @@ mod tests {
                     base: 2,
                     label: "fix.so".into(),
                 }],
+            },
+            Response::StopFree {
+                ready: true,
+                reason: String::new(),
+            },
+            Response::StopFree {
+                ready: false,
+                reason: "thread 1234 blocks SIGTRAP".into(),
+            },
+            Response::Poked {
+                sites_written: 3,
+                hits: 17,
+                window_ns: 120_000,
             },
         ] {
             let f = r.encode(9);
@@ -706,6 +897,52 @@ mod tests {
             Request::decode(2, &nonutf),
             Err(ProtoError::BadString { .. })
         ));
+    }
+
+    #[test]
+    fn t_proto_poke_text_limits_issue5() {
+        let site = PokeSite {
+            addr: 0x1000,
+            bytes: vec![0xe9, 0, 0, 0, 0],
+            expect: vec![0x0f, 0x1f, 0x44, 0, 0],
+            dest: 0x2000,
+        };
+        let ok = Request::PokeText {
+            sites: vec![site.clone(); MAX_POKE_SITES],
+        };
+        roundtrip_req(&ok);
+        let over = Request::PokeText {
+            sites: vec![site; MAX_POKE_SITES + 1],
+        }
+        .encode(1);
+        assert!(matches!(
+            Request::decode(17, &over[FRAME_HEADER..]),
+            Err(ProtoError::TooLong { len }) if len == MAX_POKE_SITES + 1
+        ));
+        let mut bad = Response::StopFree {
+            ready: true,
+            reason: String::new(),
+        }
+        .encode(1)[FRAME_HEADER..]
+            .to_vec();
+        bad[0] = 2;
+        assert!(matches!(
+            Response::decode(0x8009, &bad),
+            Err(ProtoError::BadValue { field: "ready", .. })
+        ));
+    }
+
+    /// An agent that predates a kind answers it with the service's "malformed request: …" error; the
+    /// controller recognises exactly that, and nothing else, as "older agent".
+    #[test]
+    fn t_proto_older_agent_answer_is_recognised_issue5() {
+        let old = format!("malformed request: {}", ProtoError::UnknownKind { kind: 17 });
+        assert!(is_unknown_kind_error(71, &old));
+        assert!(!is_unknown_kind_error(
+            71,
+            "malformed request: message kind 0x11 is truncated"
+        ));
+        assert!(!is_unknown_kind_error(22, &old));
     }
 
     proptest! {

@@ -242,6 +242,10 @@ fn dispatch(st: &mut State, req: Request) -> Response {
             Ok(()) => Response::Done,
             Err(m) => err(libc::EINVAL, format!("pid {}: {m}", std::process::id())),
         },
+        Request::StopFreeStatus | Request::PokeText { .. } => err(
+            libc::ENOSYS,
+            "stop-free entry writes are not implemented by this agent yet".into(),
+        ),
         Request::Unlock { owner } => {
             let Some(mut h) = crate::registry::header() else {
                 return err(libc::EIO, "registry not initialised".into());

@@ -417,7 +417,20 @@ fn req_name(r: &Request) -> &'static str {
         Request::Unlock { .. } => "unlock",
         Request::List => "list",
         Request::SetStates { .. } => "set-states",
+        Request::StopFreeStatus => "stop-free-status",
+        Request::PokeText { .. } => "poke-text",
     }
+}
+
+/// What the agent reports for one [`AgentConn::poke_text`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PokeReport {
+    /// Sites written (sites that already held their new bytes are skipped).
+    pub sites_written: u32,
+    /// int3 hits the agent's SIGTRAP handler counted during the request.
+    pub hits: u64,
+    /// The request's wall time inside the agent.
+    pub window_ns: u64,
 }
 
 /// A patch library loaded by the agent.
@@ -681,6 +694,56 @@ impl AgentConn {
         match self.call(&Request::List)? {
             Response::Libraries { libs } => Ok(libs),
             r => self.unexpected("list", r),
+        }
+    }
+
+    /// Ok(Ok(())) when the agent can do stop-free entry writes now; Ok(Err(reason)) when not (also for an
+    /// older agent that does not know the request).
+    pub fn stop_free_status(&mut self) -> Result<std::result::Result<(), String>> {
+        match self.call(&Request::StopFreeStatus) {
+            Ok(Response::StopFree { ready: true, .. }) => Ok(Ok(())),
+            Ok(Response::StopFree { ready: false, reason }) => Ok(Err(reason)),
+            Ok(r) => self.unexpected("stop-free-status", r),
+            Err(AgentError::Refused { errno, message, .. })
+                if proto::is_unknown_kind_error(errno, &message) =>
+            {
+                Ok(Err(format!(
+                    "the agent of pid {} predates stop-free entry writes (it answered: {message})",
+                    self.pid
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes every site with the int3 protocol (PAUSE-FREE.md §2), done entirely by the agent's service
+    /// thread: all or nothing before the first write; a refusal names the site and what it holds.
+    pub fn poke_text(&mut self, sites: &[proto::PokeSite]) -> Result<PokeReport> {
+        if sites.len() > proto::MAX_POKE_SITES {
+            return Err(AgentError::Refused {
+                pid: self.pid,
+                request: "poke-text",
+                errno: libc::E2BIG,
+                message: format!(
+                    "{} sites in one request, the limit is {} (not sent; split the batch)",
+                    sites.len(),
+                    proto::MAX_POKE_SITES
+                ),
+            });
+        }
+        match self.call(&Request::PokeText {
+            sites: sites.to_vec(),
+        })? {
+            Response::Poked {
+                sites_written,
+                hits,
+                window_ns,
+            } => Ok(PokeReport {
+                sites_written,
+                hits,
+                window_ns,
+            }),
+            r => self.unexpected("poke-text", r),
         }
     }
 
