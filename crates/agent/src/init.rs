@@ -144,7 +144,12 @@ pub extern "C" fn agent_init() {
         );
         std::process::abort();
     }));
-    start(if preloaded() { layout::FLAG_PRELOADED } else { 0 });
+    // The real signal functions first (a signal handler must never be the first to call dlsym), then the
+    // SIGTRAP handler of stop-free writes, before the service thread exists.
+    crate::interpose::resolve_all();
+    let preloaded = preloaded();
+    crate::int3::install(preloaded);
+    start(if preloaded { layout::FLAG_PRELOADED } else { 0 });
     // SAFETY: registers three extern "C" fns with no arguments, as pthread_atfork expects.
     unsafe { pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child)) };
 }

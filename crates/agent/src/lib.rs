@@ -14,9 +14,12 @@
 //! Rust aborts when a panic reaches an `extern "C"` boundary. No panic ever unwinds into target code.
 
 pub mod init;
+pub mod int3;
+pub mod interpose;
 pub mod ops;
 pub mod registry;
 pub mod service;
 pub mod shadow;
 pub mod state;
+pub mod stopfree;
 pub mod tls;

@@ -242,10 +242,14 @@ fn dispatch(st: &mut State, req: Request) -> Response {
             Ok(()) => Response::Done,
             Err(m) => err(libc::EINVAL, format!("pid {}: {m}", std::process::id())),
         },
-        Request::StopFreeStatus | Request::PokeText { .. } => err(
-            libc::ENOSYS,
-            "stop-free entry writes are not implemented by this agent yet".into(),
-        ),
+        Request::StopFreeStatus => match crate::stopfree::status() {
+            Ok(()) => Response::StopFree {
+                ready: true,
+                reason: String::new(),
+            },
+            Err(reason) => Response::StopFree { ready: false, reason },
+        },
+        Request::PokeText { sites } => crate::stopfree::poke(&sites),
         Request::Unlock { owner } => {
             let Some(mut h) = crate::registry::header() else {
                 return err(libc::EIO, "registry not initialised".into());
