@@ -279,20 +279,18 @@ mod tests {
     #[test]
     fn t_inactive_forwards_unchanged() {
         assert!(!active());
-        let mut s = sigset_of(sigbit(libc::SIGTRAP) | sigbit(libc::SIGUSR2));
+        let s = sigset_of(sigbit(libc::SIGTRAP) | sigbit(libc::SIGUSR2));
         let mut old = sigset_of(0);
         // SAFETY: valid sets.
-        assert_eq!(unsafe { pthread_sigmask(libc::SIG_BLOCK, &s, &mut old) }, 0);
+        let r = unsafe { pthread_sigmask(libc::SIG_BLOCK, &s, &mut old) };
+        assert_eq!(r, 0);
         let mut now = sigset_of(0);
         // SAFETY: a null set (query only) and a valid out-set.
         let r = unsafe { pthread_sigmask(libc::SIG_SETMASK, core::ptr::null(), &mut now) };
         assert_eq!(r, 0);
         assert_ne!(mask_word(&now) & sigbit(libc::SIGTRAP), 0);
-        s = old;
         // SAFETY: restores the mask.
-        assert_eq!(
-            unsafe { pthread_sigmask(libc::SIG_SETMASK, &s, core::ptr::null_mut()) },
-            0
-        );
+        let r = unsafe { pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut()) };
+        assert_eq!(r, 0);
     }
 }

@@ -548,6 +548,17 @@ impl AgentConn {
             unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
             let mut chunk = [0u8; 8192];
             match self.resp.read(&mut chunk) {
+                // EOF: no writer is left, and the agent always holds one: its process is gone.
+                Ok(0) => {
+                    return Err(io_err(
+                        pid,
+                        "the agent's response pipe",
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("closed while waiting for {name}: the process exited or was killed"),
+                        ),
+                    ));
+                }
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
