@@ -14,6 +14,7 @@
  *   stats     -> "stats calls=N bad=N usr1=N usr1calls=N chained=N"
  *   raise     -> raise(SIGTRAP), then "raised chained=N"
  *   rawblock  -> blocks SIGTRAP in the main thread with the raw syscall, then "rawblocked tid=N"
+ *   fork      -> forks a child that calls f in a loop (and dies with this process), then "forked child=N"
  *   quit      -> exit(0)
  */
 #define _GNU_SOURCE
@@ -23,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -159,6 +161,19 @@ int main(int argc, char **argv) {
             unsigned long bit = 1UL << (SIGTRAP - 1);
             syscall(SYS_rt_sigprocmask, SIG_BLOCK, &bit, NULL, 8);
             printf("rawblocked tid=%ld\n", (long)syscall(SYS_gettid));
+        } else if (!strncmp(line, "fork", 4)) {
+            pid_t parent = getpid();
+            pid_t c = fork();
+            if (c == 0) {
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
+                if (getppid() != parent)
+                    _exit(1);
+                for (long x = 0;; x++) {
+                    check(x, fp(x));
+                    usleep(100);
+                }
+            }
+            printf("forked child=%d\n", (int)c);
         } else if (!strncmp(line, "quit", 4)) {
             exit(0);
         }

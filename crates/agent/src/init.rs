@@ -126,6 +126,7 @@ extern "C" fn atfork_child() {
     // The inherited pipes are the parent's: close our copies, make new ones and a new service thread.
     service::close_channel(channel());
     crate::ops::after_fork_child();
+    crate::stopfree::after_fork_child();
     let flags = crate::registry::header().map_or(0, |h| h.flags & layout::FLAG_PRELOADED);
     start(flags);
     crate::ops::BUSY_TID.store(0, Ordering::Relaxed);

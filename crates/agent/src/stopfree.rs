@@ -88,6 +88,17 @@ fn mem_fd() -> Result<i32, String> {
     Ok(fd)
 }
 
+/// In a fork child: the inherited /proc/self/mem fd still names the parent's memory, and membarrier
+/// registration is per mm. Forget both (the child registers and opens its own when asked).
+pub fn after_fork_child() {
+    let fd = MEM_FD.swap(-1, Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: our own inherited copy of the fd, closed once.
+        unsafe { libc::close(fd) };
+    }
+    MEMBARRIER.store(0, Ordering::Relaxed);
+}
+
 fn read_at(fd: i32, addr: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut b = vec![0u8; len];
     // SAFETY: pread into a live buffer of `len` bytes.

@@ -177,6 +177,18 @@ fn serial_t_int3_2000_cycles_under_hammer() {
     let before = stats(&mut h);
     let r = cycles(&mut h, &mut c, 2000);
     let hits = report("2000 cycles, 4 hammers", &r);
+    // What the readiness re-check inside each write costs (a round trip plus the /proc/self/task scan).
+    let mut rt: Vec<u64> = (0..200)
+        .map(|_| {
+            let t = Instant::now();
+            assert_eq!(c.stop_free_status().unwrap(), Ok(()));
+            t.elapsed().as_nanos() as u64
+        })
+        .collect();
+    eprintln!(
+        "stop_free_status round trip: median {} µs",
+        median(&mut rt) / 1000
+    );
     let s = stats(&mut h);
     assert!(h.child.is_running());
     assert_eq!(s.bad, 0, "{s:?}");
@@ -332,4 +344,34 @@ fn serial_t_int3_injected_agent_is_not_ready() {
         .to_string();
     assert!(err.contains("not preloaded"), "{err}");
     assert_eq!(read5(pid, h.f), NOP5);
+}
+
+/// A fork child gets its own /proc/self/mem fd and membarrier registration: a write asked of the child's
+/// agent changes the child's f, never the parent's (the parent's fd, inherited, names the parent's memory).
+#[test]
+fn serial_t_int3_fork_child_writes_its_own_memory() {
+    let mut h = hammer(&["1"], true);
+    let pid = h.child.pid();
+    let mut c = conn(pid);
+    cycles(&mut h, &mut c, 1); // the parent's agent opens /proc/self/mem and registers membarrier
+    send(&mut h.child, "fork");
+    let child: i32 = field(&line_with(&h.child, "forked"), "child").parse().unwrap();
+    let loc = agent::find_agent(child).unwrap();
+    let mut cc = AgentConn::open(&loc, Duration::from_secs(10)).unwrap();
+    assert_eq!(cc.stop_free_status().unwrap(), Ok(()));
+    let r = cc
+        .poke_text(&[PokeSite {
+            addr: h.f,
+            bytes: jmp(h.f, h.f_new),
+            expect: NOP5.to_vec(),
+            dest: h.f_new,
+        }])
+        .unwrap();
+    assert_eq!(r.sites_written, 1);
+    assert_eq!(read5(child, h.f).to_vec(), jmp(h.f, h.f_new));
+    assert_eq!(read5(pid, h.f), NOP5, "the child's write landed in the parent");
+    // SAFETY: kill takes integers; the child is the target's own child (it also dies with it).
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    let s = stats(&mut h);
+    assert_eq!(s.bad, 0, "{s:?}");
 }
