@@ -102,3 +102,44 @@ pub fn int3_batch(plans: &[Int3Plan]) -> Vec<Int3Step> {
     }
     out
 }
+
+/// What executing `bytes` at `addr` does, when they are exactly one jump or one NOP: where the thread goes
+/// next. The agent's SIGTRAP handler sends a thread that traps on the site's int3 there (PAUSE-FREE.md §2:
+/// "emulate the new instruction"). `None` for anything else (the caller then uses a relocated copy of the
+/// instruction, such as the old path of an entry, or stops every thread instead).
+pub fn int3_emulation(addr: u64, bytes: &[u8]) -> Option<u64> {
+    use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic};
+    let mut dec = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
+    let ins = dec.decode();
+    if ins.is_invalid() || ins.len() != bytes.len() {
+        return None;
+    }
+    match ins.code() {
+        Code::Jmp_rel8_64 | Code::Jmp_rel32_64 => Some(ins.near_branch_target()),
+        _ if ins.mnemonic() == Mnemonic::Nop && ins.flow_control() == FlowControl::Next => {
+            Some(addr + bytes.len() as u64)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod emulation_tests {
+    use super::int3_emulation;
+
+    #[test]
+    fn a_jump_goes_to_its_target_a_nop_falls_through_and_anything_else_is_unknown() {
+        let at = 0x40_1000u64;
+        let jmp = crate::encode_jmp_rel32(at, 0x40_3000).unwrap();
+        assert_eq!(int3_emulation(at, &jmp), Some(0x40_3000));
+        assert_eq!(int3_emulation(at, &[0xeb, 0x10]), Some(at + 0x12));
+        assert_eq!(int3_emulation(at, &[0x0f, 0x1f, 0x44, 0x00, 0x00]), Some(at + 5));
+        assert_eq!(int3_emulation(at, &[0x66, 0x90]), Some(at + 2));
+        // lea rax,[rdi+rdi+1]: must run from a relocated copy.
+        assert_eq!(int3_emulation(at, &[0x48, 0x8d, 0x44, 0x3f, 0x01]), None);
+        // Two instructions (mov; add) are not one site.
+        assert_eq!(int3_emulation(at, &[0x48, 0x89, 0xf8, 0x48, 0x01, 0xf8]), None);
+        // A truncated jump.
+        assert_eq!(int3_emulation(at, &jmp[..4]), None);
+    }
+}
