@@ -141,25 +141,61 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
 }
 
-/// The threads of this process (tid, SigBlk, TracerPid), from /proc/self/task/*/status.
+/// One thread's (SigBlk, TracerPid), from its `status` file opened relative to `/proc/self/task`
+/// (`task`, an open directory), or `None` when it exited meanwhile.
+fn thread_status(task: &std::fs::File, tid: i32, buf: &mut Vec<u8>) -> Option<(u64, i32)> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let name = std::ffi::CString::new(format!("{tid}/status")).expect("no NUL");
+    // SAFETY: openat with a valid directory fd and a NUL-terminated relative path; the fd it returns is
+    // owned by the File below, which closes it.
+    let fd = unsafe { libc::openat(task.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    buf.clear();
+    f.read_to_end(buf).ok()?;
+    let text = std::str::from_utf8(buf).ok()?;
+    let (mut blk, mut tracer) = (0, 0);
+    for l in text.lines() {
+        if let Some(v) = l.strip_prefix("SigBlk:") {
+            blk = u64::from_str_radix(v.trim(), 16).unwrap_or(0);
+        } else if let Some(v) = l.strip_prefix("TracerPid:") {
+            tracer = v.trim().parse().unwrap_or(0);
+        }
+    }
+    Some((blk, tracer))
+}
+
+/// The threads of this process (tid, SigBlk, TracerPid), from /proc/self/task/*/status. A thread that
+/// blocks SIGTRAP is read again for up to about 2 ms: glibc blocks every signal for a few instructions by
+/// raw syscall (pthread_kill, pthread_create, posix_spawn) without running application code meanwhile, and
+/// only a thread that keeps SIGTRAP blocked is reported as blocking it.
 fn threads() -> Result<Vec<(i32, u64, i32)>, String> {
+    let task =
+        std::fs::File::open("/proc/self/task").map_err(|e| format!("cannot open /proc/self/task: {e}"))?;
     let rd = std::fs::read_dir("/proc/self/task").map_err(|e| format!("cannot list /proc/self/task: {e}"))?;
     let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(2048);
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
     for e in rd.flatten() {
         let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         // A thread that exits meanwhile is no concern.
-        let Ok(text) = std::fs::read_to_string(e.path().join("status")) else {
+        let Some((mut blk, tracer)) = thread_status(&task, tid, &mut buf) else {
             continue;
         };
-        let mut blk = 0;
-        let mut tracer = 0;
-        for l in text.lines() {
-            if let Some(v) = l.strip_prefix("SigBlk:") {
-                blk = u64::from_str_radix(v.trim(), 16).unwrap_or(0);
-            } else if let Some(v) = l.strip_prefix("TracerPid:") {
-                tracer = v.trim().parse().unwrap_or(0);
+        let mut tries = 0;
+        while tid != me && blk & int3::sigbit(libc::SIGTRAP) != 0 && tries < 20 {
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            match thread_status(&task, tid, &mut buf) {
+                Some((b, _)) => blk = b,
+                None => blk = 0,
             }
         }
         out.push((tid, blk, tracer));
