@@ -13,6 +13,10 @@
  * the call returns, "unparked v=<version f returned> mix=<n>". A stop of that thread sees the PC saved in the
  * signal frame: a thread about to enter the new f (the race of the mix test, DESIGN §4.5).
  *
+ * With `--block-trap` one more thread blocks SIGTRAP with the raw rt_sigprocmask syscall (past the agent's
+ * interposed sigprocmask) and sleeps: the agent must then refuse the stop-free entry write (PAUSE-FREE.md §4).
+ * Built with -DHOTPATCH, f and g start with GCC's 8-byte hot-patch prologue (ms_hook_prologue,
+ * `lea 0(%rsp),%rsp`): one instruction under the entry jump, so relive writes the entries stop-free.
  * Every 20 ms the reporter prints one line:
  *   stats calls=<n> v1=<n> v2=<n> ... mix=<n> workers=<v,v,...> churn=<n> churn_bad=<n> sig=<n>
  * Built with -rdynamic so patches resolve g, oracle_mix and friends from the executable.
@@ -24,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -46,14 +51,19 @@ volatile long oracle_sink;
 long g(long x);
 int f(long x);
 #else
-__attribute__((noipa)) long g(long x) {
+#ifdef HOTPATCH
+#define ENTRY __attribute__((noipa, ms_hook_prologue))
+#else
+#define ENTRY __attribute__((noipa))
+#endif
+ENTRY long g(long x) {
     long s = x;
     for (int i = 0; i < 40; i++) s = s * 31 + i;
     oracle_sink = s;
     return (s & ~0xffL) | 1;
 }
 
-__attribute__((noipa)) int f(long x) {
+ENTRY int f(long x) {
     long a = g(x);
     for (volatile int i = 0; i < 30; i++) {
     }
@@ -209,6 +219,17 @@ static void *parker(void *arg) {
     return NULL;
 }
 
+/* --block-trap: see the header. */
+static atomic_int trap_blocked;
+static void *trap_blocker(void *arg) {
+    (void)arg;
+    unsigned long set = 1UL << (SIGTRAP - 1);
+    syscall(SYS_rt_sigprocmask, SIG_BLOCK, &set, NULL, sizeof set);
+    atomic_store(&trap_blocked, 1);
+    for (;;) pause();
+    return NULL;
+}
+
 static pthread_t workers[WORKERS];
 static void on_usr1(int sig) {
     (void)sig;
@@ -244,11 +265,12 @@ static void *reader(void *arg) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    int stall = 0, sigs = 0, park = 0;
+    int stall = 0, sigs = 0, park = 0, block_trap = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stall")) stall = 1;
         if (!strcmp(argv[i], "--signals")) sigs = 1;
         if (!strcmp(argv[i], "--park")) park = 1;
+        if (!strcmp(argv[i], "--block-trap")) block_trap = 1;
         if (!strcmp(argv[i], "--churn") && i + 1 < argc) churn_total = atol(argv[++i]);
         if (!strcmp(argv[i], "--duty") && i + 1 < argc) duty = atol(argv[++i]);
     }
@@ -267,12 +289,14 @@ int main(int argc, char **argv) {
     if (churn_total) pthread_create(&t, NULL, churner, (void *)churn_total);
     if (sigs) pthread_create(&t, NULL, signaller, NULL);
     if (park) pthread_create(&t, NULL, parker, NULL);
+    if (block_trap) pthread_create(&t, NULL, trap_blocker, NULL);
     pthread_create(&t, NULL, reader, NULL);
     tiny();
     /* Wait until every worker has made a call before declaring readiness. */
     for (;;) {
         int all = 1;
         for (int w = 0; w < WORKERS; w++) all &= atomic_load(&oracle_worker_version[w]) != 0;
+        if (block_trap) all &= atomic_load(&trap_blocked);
         if (all) break;
         usleep(1000);
     }

@@ -104,7 +104,10 @@ struct Run {
     /// The same measurement over a window of the same length in which relive does nothing.
     control_ms: f64,
     pauses: Vec<u64>,
+    /// Stop-all entry-write windows, µs.
     windows: Vec<u64>,
+    /// Stop-free (int3) entry-write windows, µs: no thread stopped.
+    int3_windows: Vec<u64>,
 }
 
 fn run(t: &mut Target, args: &[&str]) -> Run {
@@ -124,12 +127,16 @@ fn run(t: &mut Target, args: &[&str]) -> Run {
         .as_array()
         .map(|a| a.iter().map(|v| v.as_u64().unwrap()).collect())
         .unwrap_or_default();
-    let windows = j["windows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["window_us"].as_u64().unwrap())
-        .collect();
+    // Entry-write windows: only stop-all ones stop threads; int3 ones (the stop-free protocol) stop none.
+    let (mut windows, mut int3_windows) = (vec![], vec![]);
+    for w in j["windows"].as_array().unwrap() {
+        let us = w["window_us"].as_u64().unwrap();
+        if w["mode"] == "int3" {
+            int3_windows.push(us);
+        } else {
+            windows.push(us);
+        }
+    }
     Run {
         wall_ms,
         transition_ms: j["transition_ms"].as_f64().unwrap(),
@@ -137,6 +144,7 @@ fn run(t: &mut Target, args: &[&str]) -> Run {
         control_ms,
         pauses,
         windows,
+        int3_windows,
     }
 }
 
@@ -159,9 +167,9 @@ fn main() {
         .max(1);
     println!("{reps} apply/revert cycles per scenario; medians over them (max in brackets)\n");
     println!(
-        "| scenario | op | wall ms | transition ms | longest pause ms (control) | stop-all windows µs (median / max) | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause | libpulp ÷ relive (wall, pause) |"
+        "| scenario | op | wall ms | transition ms | longest pause ms (control) | stop-all windows µs (median / max) | int3 windows µs (median / max), no thread stopped | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause | libpulp ÷ relive (wall, pause) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     // libpulp's published numbers (issue 5): apply wall and longest pause, ms.
     let scenarios: [(&str, Vec<&str>, (f64, f64)); 4] = [
         ("1 thread", vec!["--busy", "1"], (5.98, 1.84)),
@@ -233,12 +241,18 @@ fn main() {
                 pause.iter().copied().fold(0.0, f64::max),
             );
             let win_max = win.iter().copied().fold(0.0, f64::max);
+            let mut win3: Vec<f64> = rs
+                .iter()
+                .flat_map(|r| r.int3_windows.iter().map(|w| *w as f64))
+                .collect();
+            let win3_max = win3.iter().copied().fold(0.0, f64::max);
             let (w, pz) = (med(&mut wall), med(&mut pause));
             println!(
-                "| {name} | {op} | {w:.1} [{wall_max:.1}] | {:.1} | {pz:.2} [{pause_max:.2}] ({:.2}) | {:.0} / {win_max:.0} | {} / {} / {} | {} | {} |",
+                "| {name} | {op} | {w:.1} [{wall_max:.1}] | {:.1} | {pz:.2} [{pause_max:.2}] ({:.2}) | {:.0} / {win_max:.0} | {:.0} / {win3_max:.0} | {} / {} / {} | {} | {} |",
                 med(&mut tr),
                 med(&mut control),
                 if win.is_empty() { 0.0 } else { med(&mut win) },
+                if win3.is_empty() { 0.0 } else { med(&mut win3) },
                 q(0.5),
                 q(0.99),
                 ps.last().copied().unwrap_or(0),
@@ -266,14 +280,17 @@ fn main() {
     );
     // Stop-all window and completion time with N threads not inside patched code.
     println!(
-        "\n| threads not in patched code | stop-all window µs (install, complete) | transition ms (init → complete) |"
+        "\n| threads not in patched code | stop-all windows µs | int3 windows µs (no thread stopped) | transition ms (init → complete) |"
     );
-    println!("|---|---|---|");
+    println!("|---|---|---|---|");
     for n in [10, 100, 1000] {
         let mut t = Target::start(&["--blocked", &n.to_string()]);
         let pid = t.pid();
         let r = run(&mut t, &["apply", pid.as_str(), p]);
-        println!("| {n} | {:?} | {:.1} |", r.windows, r.transition_ms);
+        println!(
+            "| {n} | {:?} | {:?} | {:.1} |",
+            r.windows, r.int3_windows, r.transition_ms
+        );
     }
     // Call cost: unpatched, during a transition (dispatcher), after completion; ratios to a direct call.
     let hp = patch(true);

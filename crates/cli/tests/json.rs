@@ -30,6 +30,7 @@ const VOLATILE: &[&str] = &[
     "pause_us",
     "pause_samples_us",
     "window_us",
+    "int3_hits",
     "attempts",
     "rounds",
     "frame",

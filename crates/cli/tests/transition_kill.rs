@@ -44,12 +44,24 @@ fn timed(args: &[&str]) -> Duration {
 /// mix count stays zero, `relive status` shows the state, and `relive transition` finishes the job.
 #[test]
 fn serial_t_issue5_8_killed_controller_50_trials() {
-    let mut t = oracle(&["--duty", "200"]);
+    killed_controller_trials(oracle(&["--duty", "200"]), "kill");
+}
+
+/// Test 8 on the stop-free path: f and g start with the hot-patch prologue, so every entry is written by the
+/// agent's int3 protocol. A controller killed during that request leaves a finished write (the agent's
+/// service thread completes it), never a site holding an int3.
+#[test]
+fn serial_t_issue5_8_killed_controller_50_trials_stop_free_entries() {
+    let flags = [TARGET_FLAGS, &["-DHOTPATCH"]].concat();
+    killed_controller_trials(oracle_with(&flags, &["--duty", "200"]), "killhp");
+}
+
+fn killed_controller_trials(mut t: Target, name: &str) {
     let pid = t.pid().to_string();
-    let a = patch("kill", &["VERSION=2"]);
+    let a = patch(name, &["VERSION=2"]);
     let a = a.to_str().unwrap();
     // How long a normal apply and disable take here: the kill points are drawn from that span.
-    let span = timed(&["apply", &pid, a]).max(timed(&["disable", &pid, "kill"]));
+    let span = timed(&["apply", &pid, a]).max(timed(&["disable", &pid, name]));
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -65,7 +77,7 @@ fn serial_t_issue5_8_killed_controller_50_trials() {
         let apply = trial % 2 == 0;
         // Precondition: apply needs the patch inactive, disable needs it active.
         if apply && v == 2 {
-            ok(&["disable", &pid, "kill"]);
+            ok(&["disable", &pid, name]);
         } else if !apply && v == 1 {
             ok(&["apply", &pid, a]);
         }
@@ -73,7 +85,7 @@ fn serial_t_issue5_8_killed_controller_50_trials() {
         let args: Vec<&str> = if apply {
             vec!["apply", &pid, a]
         } else {
-            vec!["disable", &pid, "kill"]
+            vec!["disable", &pid, name]
         };
         let mut child = Command::new(env!("CARGO_BIN_EXE_relive"))
             .args(&args)

@@ -19,8 +19,14 @@ pub const OLD_PATH_OFF: u64 = 0;
 pub const OLD_PATH_MAX: u64 = 256;
 pub const DISPATCH_OFF: [u64; 2] = [256, 320];
 pub const ABSJMP_OFF: [u64; 2] = [384, 400];
-/// Bytes of the page that hold generated code (registered as the function's stub range, DESIGN §4.5).
+/// Bytes of the page that hold generated code (registered as the function's stub range, DESIGN §4.5) in a
+/// page without fresh slots (one mapped by a relive older than the stop-free entry writes).
 pub const STUB_CODE_END: u64 = 416;
+/// Where a page's fresh slots start: dispatchers and absolute jumps are appended there, each followed by an
+/// `int3` end mark, and never rewritten. No entry ever led into bytes still zero, so no thread can be in
+/// them, and code written there needs no stop of the process (the stop-free entry write of PAUSE-FREE.md).
+/// When the page is full, the alternating slots above are used, under a stop-all with their PC check.
+pub const FRESH_OFF: u64 = STUB_CODE_END;
 /// Thunks (DESIGN §4.3a) of the patches' functions live in their own pages, never rewritten.
 pub const THUNK_PAGE: u64 = 4096;
 
@@ -141,6 +147,16 @@ pub struct EntryRec {
     pub old_path: u64,
     /// Where the entry's jump points as last written (0: original bytes).
     pub current: u64,
+    /// The page has fresh slots ([`FRESH_OFF`]): its whole page is registered as the function's stub range.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+impl EntryRec {
+    /// End of the generated code the page may hold (its stub range: DESIGN §4.5, SPEC C5a).
+    pub fn code_end(&self) -> u64 {
+        if self.fresh { STUB_PAGE } else { STUB_CODE_END }
+    }
 }
 
 /// The serializable part of an [`EntryPlan`]: all that installing, retargeting and restoring need.

@@ -14,7 +14,7 @@ use relive_x86::{
 };
 
 use super::doc::{
-    ABSJMP_OFF, DISPATCH_OFF, EntryRec, OLD_PATH_MAX, OLD_PATH_OFF, PlanRec, STUB_CODE_END, STUB_PAGE,
+    ABSJMP_OFF, DISPATCH_OFF, EntryRec, FRESH_OFF, OLD_PATH_MAX, OLD_PATH_OFF, PlanRec, STUB_PAGE,
 };
 use super::session::{Session, proc_err};
 use super::{Fail, progress::Progress};
@@ -38,10 +38,16 @@ impl Batch {
     }
 }
 
-/// Statistics of one stop-all window.
+/// Statistics of one entry-write window.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Window {
+    /// How the entries were written: `"stop-all"` (every thread stopped, every PC checked) or `"int3"` (the
+    /// stop-free protocol of PAUSE-FREE.md, done by the agent: no thread stopped).
+    pub mode: &'static str,
+    /// Threads stopped (0 for `"int3"`).
     pub threads: usize,
+    /// Threads that hit a site's int3 during the window and were sent on by the agent's handler.
+    pub int3_hits: u64,
     /// Attempts needed (a blocked PC check resumes everything and retries).
     pub attempts: u32,
     /// Microseconds from the first stop to the last resume of the successful attempt.
@@ -99,15 +105,14 @@ pub fn ensure_stub(s: &mut Session, func: &FuncId, plan: &relive_x86::EntryPlan)
         stub: page,
         old_path,
         current: 0,
+        fresh: true,
     });
     s.doc
         .model
-        .register_stub(func, relive_core::Range::new(page, page + STUB_CODE_END))
+        .register_stub(func, relive_core::Range::new(page, page + STUB_PAGE))
         .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
-    s.unwinder.add_code_range(
-        page..page + STUB_CODE_END,
-        format!("relive stub of {}", func.name),
-    );
+    s.unwinder
+        .add_code_range(page..page + STUB_PAGE, format!("relive stub of {}", func.name));
     Ok(())
 }
 
@@ -154,6 +159,33 @@ fn code_addr(s: &Session, rec: &EntryRec, code: &Code) -> Result<u64, Fail> {
     }
 }
 
+/// The end mark written after code in a fresh slot: `int3`, never executed (the code ends in a jump), and
+/// not zero, so that the first zero byte after it is provably unused (see [`FRESH_OFF`]).
+const FRESH_END_MARK: u8 = 0xcc;
+
+/// The next fresh slot of `len` bytes (plus its end mark) in the entry's page, or `None` when the page has
+/// none left or has no fresh slots. Read from the target's memory, not from the document: code is written
+/// before an entry leads to it and never erased, so every slot an entry ever led to lies before the last
+/// non-zero byte, even after a controller was killed before it saved the document (DESIGN §4.8).
+fn fresh_slot(s: &Session, rec: &EntryRec, len: u64) -> Result<Option<u64>, Fail> {
+    if !rec.fresh {
+        return Ok(None);
+    }
+    let mut area = vec![0u8; (STUB_PAGE - FRESH_OFF) as usize];
+    relive_proc::read_memory(s.pid, rec.stub + FRESH_OFF, &mut area)
+        .map_err(|e| proc_err(s.pid, "cannot read a stub page", e))?;
+    let used = area.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1);
+    let at = FRESH_OFF + used.next_multiple_of(16);
+    Ok((at + len < STUB_PAGE).then_some(rec.stub + at))
+}
+
+/// `code` followed by the fresh-slot end mark.
+fn with_end_mark(code: &[u8]) -> Vec<u8> {
+    let mut v = code.to_vec();
+    v.push(FRESH_END_MARK);
+    v
+}
+
 /// Plans the writes that make every entry in `targets` lead where the model says.
 pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batch, Fail> {
     let mut b = Batch::default();
@@ -181,10 +213,13 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
                 let to = code_addr(s, rec, &target.code_for(relive_core::PatchState::Idle))?;
                 if plan.reaches(to) {
                     Some(to)
-                } else if holds(s, rec.stub, current, &ABSJMP_OFF, &encode_abs_jump(to))? {
+                } else if holds(s, rec, current, &ABSJMP_OFF, &encode_abs_jump(to))? {
                     // The entry already leads to this very jump: nothing to write (`relive transition`
                     // with nothing to change must change nothing).
                     Some(current)
+                } else if let Some(slot) = fresh_slot(s, rec, 16)? {
+                    b.stub_writes.push((slot, with_end_mark(&encode_abs_jump(to))));
+                    Some(slot)
                 } else {
                     let slot = free(&ABSJMP_OFF, 16);
                     b.stub_writes.push((slot, encode_abs_jump(to).to_vec()));
@@ -225,17 +260,20 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
                 let enc = |at: u64| {
                     encode_dispatcher(at, &d).map_err(|e| Fail::Error(anyhow!("pid {}: {e}", s.pid)))
                 };
-                let here = if DISPATCH_OFF.iter().any(|o| rec.stub + o == current) {
+                let here = if in_slot(rec, current, &DISPATCH_OFF) {
                     Some(enc(current)?)
                 } else {
                     None
                 };
                 if let Some(code) = here
-                    && holds(s, rec.stub, current, &DISPATCH_OFF, &code)?
+                    && holds(s, rec, current, &DISPATCH_OFF, &code)?
                 {
                     // The entry already leads to this very dispatcher (same versions, direction, slot
                     // values): rewriting it into the other slot would change .text for nothing.
                     Some(current)
+                } else if let Some(slot) = fresh_slot(s, rec, 64)? {
+                    b.stub_writes.push((slot, with_end_mark(&enc(slot)?)));
+                    Some(slot)
                 } else {
                     let slot = free(&DISPATCH_OFF, 64);
                     let code = enc(slot)?;
@@ -262,16 +300,22 @@ pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batc
     Ok(b)
 }
 
-/// Whether the entry currently leads (`current`) to one of the stub slots `offs` of its page and that slot
-/// already holds exactly `code`.
-fn holds(s: &Session, stub: u64, current: u64, offs: &[u64; 2], code: &[u8]) -> Result<bool, Fail> {
-    if !offs.iter().any(|o| stub + o == current) {
+/// Whether the entry currently leads (`current`) to one of the stub slots `offs` of its page, or to one of
+/// its fresh slots, and that slot already holds exactly `code`.
+fn holds(s: &Session, rec: &EntryRec, current: u64, offs: &[u64; 2], code: &[u8]) -> Result<bool, Fail> {
+    if !in_slot(rec, current, offs) || current + code.len() as u64 > rec.stub + STUB_PAGE {
         return Ok(false);
     }
     let mut cur = vec![0u8; code.len()];
     relive_proc::read_memory(s.pid, current, &mut cur)
         .map_err(|e| proc_err(s.pid, "cannot read a stub slot", e))?;
     Ok(cur == code)
+}
+
+/// Whether `at` is one of the slots `offs` of the entry's page or in its fresh slots.
+fn in_slot(rec: &EntryRec, at: u64, offs: &[u64; 2]) -> bool {
+    offs.iter().any(|o| rec.stub + o == at)
+        || (rec.fresh && (rec.stub + FRESH_OFF..rec.stub + STUB_PAGE).contains(&at))
 }
 
 /// Whether any PC of this thread's stack forbids the batch now, and which.
@@ -295,6 +339,12 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             }
         }
         return Ok(Window::default());
+    }
+    if let Some(sites) = stop_free_sites(s, b) {
+        match write_stop_free(s, b, &sites) {
+            Ok(w) => return Ok(w),
+            Err(why) => tracing::info!(pid, "stop-free entry write not possible: {why}"),
+        }
     }
     progress.step(&format!(
         "writing {} entries under one stop of every thread",
@@ -409,7 +459,9 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             }
         }
         return Ok(Window {
+            mode: "stop-all",
             threads,
+            int3_hits: 0,
             attempts,
             window_us,
             switched,
@@ -417,52 +469,162 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
     }
 }
 
-/// Unmaps the stub pages of entries that hold their original bytes again and that no thread can be in
-/// (checked in one stop-all). Pages that cannot be retired now stay mapped and registered.
+/// The agent's int3 site list for this batch when every write may be done without stopping the process
+/// (PAUSE-FREE.md §2), or `None`. Each write must replace one whole instruction by another
+/// ([`EntryWrite::stop_free`]), the batch must not rewrite a stub slot an entry ever led to (no guards: fresh
+/// slots only), and executing the new bytes must be something the agent's handler can do in one step: a jump
+/// (to its target), a NOP (to the next byte), or the entry's first displaced instructions back (to the
+/// old-path copy, which runs them relocated). Functions of the C library are left to the stop-all: glibc
+/// runs code with every signal blocked by raw syscalls (a new thread's start, posix_spawn's child), and a
+/// blocked SIGTRAP kills the process on the int3 (PAUSE-FREE.md §4). `RELIVE_ENTRY_WRITES=stop-all` turns the
+/// stop-free path off.
+fn stop_free_sites(s: &Session, b: &Batch) -> Option<Vec<relive_abi::proto::PokeSite>> {
+    if std::env::var("RELIVE_ENTRY_WRITES").is_ok_and(|v| v == "stop-all") || !b.guards.is_empty() {
+        return None;
+    }
+    let mut sites = Vec::with_capacity(b.writes.len());
+    for (func, w) in &b.writes {
+        let libc = func.object.path.as_deref().is_some_and(|p| {
+            let name = p.rsplit('/').next().unwrap_or(p);
+            name.starts_with("libc.so") || name.starts_with("ld-linux") || name.starts_with("libc-")
+        });
+        if libc
+            || !w.stop_free
+            || !(2..=8).contains(&w.bytes.len())
+            || w.bytes.len() != w.expect.len()
+            || w.bytes[0] == relive_x86::INT3
+            || w.expect[0] == relive_x86::INT3
+        {
+            return None;
+        }
+        let rec = s.doc.entry(func)?;
+        let plan = rec.plan.plan();
+        let dest = match relive_x86::int3_emulation(w.addr, &w.bytes) {
+            Some(d) => d,
+            None if w.addr == plan.site && w.bytes[..] == plan.original[..w.bytes.len()] => {
+                if w.bytes.len() != plan.original.len() {
+                    return None;
+                }
+                rec.old_path
+            }
+            None => return None,
+        };
+        sites.push(relive_abi::proto::PokeSite {
+            addr: w.addr,
+            bytes: w.bytes.clone(),
+            expect: w.expect.clone(),
+            dest,
+        });
+    }
+    Some(sites)
+}
+
+/// Writes the batch without stopping any thread: the stub code first (fresh slots no thread can be in), then
+/// every entry through the agent's int3 protocol (int3, sync, tail, sync, head, sync; the agent does it in
+/// its service thread, so a controller killed meanwhile leaves a finished write). Refused by the agent (a
+/// thread blocks SIGTRAP, a debugger is attached, the agent was injected after start and cannot keep
+/// SIGTRAP unblocked, an older agent) with every entry untouched: the caller falls back to the stop-all.
+fn write_stop_free(
+    s: &mut Session,
+    b: &Batch,
+    sites: &[relive_abi::proto::PokeSite],
+) -> Result<Window, String> {
+    let pid = s.pid;
+    let t0 = Instant::now();
+    for (at, code) in &b.stub_writes {
+        relive_proc::write_code(pid, *at, code)
+            .map_err(|e| format!("cannot write a stub at {at:#x}: {e}"))?;
+    }
+    let r = s.conn.poke_text(sites).map_err(|e| e.to_string())?;
+    for (f, c) in &b.currents {
+        if let Some(e) = s.doc.entry_mut(f) {
+            e.current = *c;
+        }
+    }
+    Ok(Window {
+        mode: "int3",
+        threads: 0,
+        int3_hits: r.hits,
+        attempts: 1,
+        window_us: t0.elapsed().as_micros() as u64,
+        switched: 0,
+    })
+}
+
+/// Unmaps the stub pages of entries that hold their original bytes again and that no thread can be in.
+/// No entry leads into these pages any more, so a thread seen outside a page (live PC, return addresses and
+/// PCs saved in signal frames) can never enter it again: each thread is stopped, checked and resumed on its
+/// own ([`relive_proc::ptrace::stop_each`]), with no stop of the whole process. Pages that cannot be retired
+/// now stay mapped and registered.
 pub fn retire_stubs(s: &mut Session) -> Result<(), Fail> {
-    let idle: Vec<EntryRec> = s
-        .doc
-        .entries
-        .iter()
-        .filter(|e| e.current == 0 && s.doc.model.entries().get(&e.func).is_none())
-        .cloned()
-        .collect();
+    retire_stubs_where(s, |_, _| Ok(true))
+}
+
+/// After an unpatching transition completed: retires the idle stub pages whose fresh slots are at least half
+/// used, so that the next transitions of these functions find fresh slots again (and write their entries
+/// without a stop) instead of falling back to the alternating slots under a stop-all. Costs one stop of each
+/// thread in turn, once every dozen or so apply/disable cycles of a function.
+pub fn retire_used_stubs(s: &mut Session) -> Result<(), Fail> {
+    retire_stubs_where(s, |s, rec| {
+        Ok(rec.fresh && fresh_slot(s, rec, (STUB_PAGE - FRESH_OFF) / 2)?.is_none())
+    })
+}
+
+fn retire_stubs_where(
+    s: &mut Session,
+    mut wanted: impl FnMut(&Session, &EntryRec) -> Result<bool, Fail>,
+) -> Result<(), Fail> {
+    let mut idle: Vec<EntryRec> = vec![];
+    for e in &s.doc.entries {
+        if e.current == 0 && s.doc.model.entries().get(&e.func).is_none() && wanted(s, e)? {
+            idle.push(e.clone());
+        }
+    }
     if idle.is_empty() {
         return Ok(());
     }
     let pid = s.pid;
-    let stopped = relive_proc::stop_all(pid).map_err(|e| proc_err(pid, "cannot stop the threads", e))?;
+    let tids = relive_proc::list_threads(pid).map_err(|e| proc_err(pid, "cannot list threads", e))?;
     let mut reader = PageCacheReader::new(pid);
     let mut busy: Vec<u64> = vec![];
-    for t in &stopped.threads {
-        let Ok(regs) = t.regs() else { continue };
-        reader.clear();
-        let stack = s.unwinder.unwind(
-            StartRegs {
-                ip: regs.rip,
-                sp: regs.rsp,
-                bp: regs.rbp,
-            },
-            &mut reader,
-            s.max_depth,
-        );
-        for e in &idle {
-            let r = e.stub..e.stub + STUB_PAGE;
-            let in_old_path = |pc: u64| (e.old_path..e.old_path + OLD_PATH_MAX).contains(&pc);
-            if r.contains(&regs.rip)
-                || in_old_path(regs.rip)
-                || stack.frames.iter().any(|f| r.contains(&f.pc))
-                || !stack.verdict.is_reliable()
-            {
-                busy.push(e.stub);
+    let unwinder = &mut s.unwinder;
+    let max_depth = s.max_depth;
+    relive_proc::ptrace::stop_each(pid, &tids, |t| {
+        if let Ok(regs) = t.regs() {
+            reader.clear();
+            let stack = unwinder.unwind(
+                StartRegs {
+                    ip: regs.rip,
+                    sp: regs.rsp,
+                    bp: regs.rbp,
+                },
+                &mut reader,
+                max_depth,
+            );
+            for e in &idle {
+                let r = e.stub..e.stub + STUB_PAGE;
+                let in_old_path = |pc: u64| (e.old_path..e.old_path + OLD_PATH_MAX).contains(&pc);
+                if r.contains(&regs.rip)
+                    || in_old_path(regs.rip)
+                    || stack.frames.iter().any(|f| r.contains(&f.pc))
+                    || !stack.verdict.is_reliable()
+                {
+                    tracing::debug!(
+                        pid,
+                        tid = t.tid(),
+                        "stub page {:#x} of {} kept: pc {:#x}, stack {:?}",
+                        e.stub,
+                        e.func.name,
+                        regs.rip,
+                        stack.verdict
+                    );
+                    busy.push(e.stub);
+                }
             }
         }
-    }
-    // Resume first: the agent's service thread, which unmaps, was stopped too. No entry leads to these pages
-    // any more, so no thread can enter them after the check.
-    stopped
-        .resume()
-        .map_err(|e| proc_err(pid, "cannot resume the threads", e))?;
+        t.resume()
+    })
+    .map_err(|e| proc_err(pid, "cannot check the threads before unmapping stub pages", e))?;
     for e in &idle {
         if busy.contains(&e.stub) {
             continue;

@@ -123,7 +123,7 @@ pub struct Report {
     /// From the start of the transition (init) to its completion (or to the command's return while pending):
     /// the part after the agent, the process image and the patch library were ready.
     pub transition_ms: f64,
-    /// Stop-all windows (entry writes), in order.
+    /// Entry-write windows (stop-all or stop-free int3), in order.
     pub windows: Vec<Window>,
     /// Per-thread pause of the switching loop: median, p99 and max, in µs.
     pub pause_us: Option<(u64, u64, u64)>,
@@ -389,8 +389,11 @@ fn finish_transition(
         let mut r2 = Report::default();
         s.save()?;
         perform(s, &out, false, &mut r2, progress)?;
-        // Stub pages stay mapped for the next patch of the same functions (no extra stop-all here);
-        // `relive transition` on an idle target retires the unused ones.
+        // Stub pages stay mapped for the next patch of the same functions; those whose fresh slots are
+        // half used are retired now (each thread checked in turn, no stop-all), and `relive transition` on
+        // an idle target retires every unused one.
+        s.save()?;
+        entries::retire_used_stubs(s)?;
         s.save()?;
         log.extend(r2.log);
         windows.extend(r2.windows);

@@ -10,7 +10,7 @@ use relive_proc::agent::{self, AgentConn};
 use relive_proc::{ImageOptions, ProcessImage};
 use relive_unwind::Unwinder;
 
-use super::doc::{self, BODY_VERSION, Doc, STUB_CODE_END, THUNK_PAGE};
+use super::doc::{self, BODY_VERSION, Doc, THUNK_PAGE};
 use super::{Fail, Options};
 
 pub struct Session {
@@ -138,7 +138,7 @@ impl Session {
     pub fn register_stub_ranges(&mut self) {
         for e in &self.doc.entries {
             self.unwinder.add_code_range(
-                e.stub..e.stub + STUB_CODE_END,
+                e.stub..e.stub + e.code_end(),
                 format!("relive stub of {}", e.func.name),
             );
         }

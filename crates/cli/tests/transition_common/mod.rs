@@ -148,8 +148,14 @@ pub fn num(s: &Stats, k: &str) -> u64 {
 
 /// Runs `relive ARGS`, with a hard timeout.
 pub fn relive(args: &[&str]) -> Output {
+    relive_env(args, &[])
+}
+
+/// Runs `relive ARGS` with extra environment variables, with a hard timeout.
+pub fn relive_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_relive"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

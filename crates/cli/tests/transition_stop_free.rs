@@ -1,0 +1,123 @@
+//! Issue 5, "the entries are written … For entries whose overwritten bytes are a single instruction, the
+//! stop-free int3 protocol of PAUSE-FREE.md may replace the stop-all": live tests of that path on the
+//! consistency oracle built with -DHOTPATCH (f and g start with the 8-byte hot-patch prologue, one
+//! instruction under the entry jump).
+
+mod transition_common;
+use transition_common::*;
+
+fn hotpatch_oracle(args: &[&str]) -> Target {
+    let flags = [TARGET_FLAGS, &["-DHOTPATCH"]].concat();
+    oracle_with(&flags, args)
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(o)))
+}
+
+/// The modes of the entry-write windows a `--json` report lists.
+fn modes(j: &serde_json::Value) -> Vec<String> {
+    j["windows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no windows in {j}"))
+        .iter()
+        .map(|w| {
+            if w["mode"] == "int3" {
+                assert_eq!(w["threads"], 0, "an int3 window stopped threads: {j}");
+            }
+            w["mode"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Issue 5 tests 1 and 10 on the stop-free path (SPEC C5, C5a; PAUSE-FREE.md §2): 100 apply/disable cycles
+/// under load, with a SIGUSR1 handler calling f on the workers at random points, and every entry written
+/// without stopping any thread (install and completion, both directions). Every thread reaches the new code,
+/// the mix count stays zero, nothing crashes, and the handler's int3 redirection was exercised.
+#[test]
+fn serial_t_issue5_stop_free_entry_writes_oracle_100_cycles_with_signals() {
+    let mut t = hotpatch_oracle(&["--duty", "200", "--signals"]);
+    let pid = t.pid().to_string();
+    let a = patch("hp", &["VERSION=2"]);
+    let a = a.to_str().unwrap();
+    let cycles: u32 = std::env::var("RELIVE_ORACLE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut hits = 0;
+    for i in 0..cycles {
+        for (args, version) in [
+            (vec!["--json", "-v", "apply", &pid, a], 2),
+            (vec!["--json", "-v", "disable", &pid, "hp"], 1),
+        ] {
+            let o = ok(&args);
+            let j = json(&o);
+            let m = modes(&j);
+            assert!(
+                !m.is_empty() && m.iter().all(|m| m == "int3"),
+                "cycle {i}: {args:?} wrote entries under a stop-all: {m:?}\n{}",
+                text(&o)
+            );
+            hits += j["windows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["int3_hits"].as_u64().unwrap())
+                .sum::<u64>();
+            let s = t.wait_workers(version);
+            assert_eq!(num(&s, "mix"), 0, "cycle {i}: mix after {args:?}: {s:?}");
+            assert!(t.alive(), "the target died in cycle {i}");
+        }
+    }
+    let s = t.stats();
+    assert_eq!(num(&s, "mix"), 0);
+    assert!(num(&s, "sig") > 0, "the signal handler never ran: {s:?}");
+    eprintln!("int3 hits over {cycles} cycles: {hits}");
+}
+
+/// PAUSE-FREE.md §4: a thread that blocks SIGTRAP past the agent's interposed sigprocmask (a raw syscall)
+/// would be killed by an int3. The agent refuses the stop-free write, and relive writes the same entries
+/// under a stop-all instead: the patch applies and reverts, correctly.
+#[test]
+fn serial_t_issue5_stop_free_refused_when_a_thread_blocks_sigtrap_falls_back_to_stop_all() {
+    let mut t = hotpatch_oracle(&["--duty", "200", "--block-trap"]);
+    let pid = t.pid().to_string();
+    let a = patch("hpb", &["VERSION=2"]);
+    let o = ok(&["--json", "-v", "apply", &pid, a.to_str().unwrap()]);
+    let m = modes(&json(&o));
+    assert!(
+        !m.is_empty() && m.iter().all(|m| m == "stop-all"),
+        "{m:?}\n{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("SIGTRAP"),
+        "the reason is not reported: {}",
+        text(&o)
+    );
+    let s = t.wait_workers(2);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    let o = ok(&["--json", "disable", &pid, "hpb"]);
+    assert!(modes(&json(&o)).iter().all(|m| m == "stop-all"));
+    let s = t.wait_workers(1);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    assert!(t.alive());
+}
+
+/// `RELIVE_ENTRY_WRITES=stop-all` turns the stop-free path off (documented in docs/FAQ.md).
+#[test]
+fn serial_t_issue5_stop_free_can_be_turned_off() {
+    let mut t = hotpatch_oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let a = patch("hpo", &["VERSION=2"]);
+    let env = [("RELIVE_ENTRY_WRITES", "stop-all")];
+    let o = relive_env(&["--json", "apply", &pid, a.to_str().unwrap()], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let m = modes(&json(&o));
+    assert!(!m.is_empty() && m.iter().all(|m| m == "stop-all"), "{m:?}");
+    t.wait_workers(2);
+    let o = ok(&["--json", "disable", &pid, "hpo"]);
+    assert!(modes(&json(&o)).iter().all(|m| m == "int3"), "{}", text(&o));
+    let s = t.wait_workers(1);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+}
