@@ -50,7 +50,7 @@
 //! | 14 | List | – | Libraries { count u32, then per library: handle u64, base u64, label str } (label: the path, or the memfd's name) |
 //! | 15 | SetStates | count u32, then per state: patch str, id u64, version u32; prev_count u32, then per id: patch str, id u64 | Done (SPEC §8: the table `relive_state_get`/`relive_state_get_prev` answer from) |
 //! | 16 | StopFreeStatus | – | StopFree { ready u32 (0/1), reason str } (reason empty when ready; PAUSE-FREE.md §2) |
-//! | 17 | PokeText | count u32 (at most [`MAX_POKE_SITES`]), then per site: addr u64, bytes bytes, expect bytes, dest u64 | Poked { sites_written u32, hits u64, window_ns u64 } (the int3 protocol over every site, done by the agent) |
+//! | 17 | PokeText | count u32 (at most [`MAX_POKE_SITES`]), then per site: addr u64, bytes bytes, expect bytes, dest u64 | Poked { sites_written u32, hits u64, window_ns u64, int3_ns u64 } (the int3 protocol over every site, done by the agent) |
 //!
 //! Any request may answer `Error { errno i32, message str }`.
 //!
@@ -228,6 +228,8 @@ pub enum Response {
         sites_written: u32,
         hits: u64,
         window_ns: u64,
+        /// From the first int3 written to the last sync: how long a call of a site could trap.
+        int3_ns: u64,
     },
 }
 
@@ -642,8 +644,9 @@ impl Response {
                 sites_written,
                 hits,
                 window_ns,
+                int3_ns,
             } => {
-                w.u32(*sites_written).u64(*hits).u64(*window_ns);
+                w.u32(*sites_written).u64(*hits).u64(*window_ns).u64(*int3_ns);
             }
             Response::Libraries { libs } => {
                 let libs = &libs[..libs.len().min(MAX_LIBS)];
@@ -714,6 +717,7 @@ impl Response {
                 sites_written: r.u32("sites_written")?,
                 hits: r.u64("hits")?,
                 window_ns: r.u64("window_ns")?,
+                int3_ns: r.u64("int3_ns")?,
             },
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
@@ -843,6 +847,7 @@ mod tests {
                 sites_written: 3,
                 hits: 17,
                 window_ns: 120_000,
+                int3_ns: 90_000,
             },
         ] {
             let f = r.encode(9);

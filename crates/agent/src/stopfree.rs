@@ -365,7 +365,10 @@ pub fn poke(sites: &[PokeSite]) -> Response {
             );
         }
     }
-    if let Err(e) = protocol(fd, &todo) {
+    let t_int3 = Instant::now();
+    let written = protocol(fd, &todo);
+    let int3_ns = t_int3.elapsed().as_nanos() as u64;
+    if let Err(e) = written {
         return refuse(libc::EIO, format!("pid {pid}: {e}"));
     }
     // 5. Read back.
@@ -390,6 +393,7 @@ pub fn poke(sites: &[PokeSite]) -> Response {
         sites_written: todo.len() as u32,
         hits: int3::HITS.load(Ordering::Relaxed) - hits0,
         window_ns: start.elapsed().as_nanos() as u64,
+        int3_ns,
     }
 }
 

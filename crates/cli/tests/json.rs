@@ -31,6 +31,7 @@ const VOLATILE: &[&str] = &[
     "pause_samples_us",
     "window_us",
     "int3_hits",
+    "int3_us",
     "attempts",
     "rounds",
     "frame",

@@ -431,6 +431,8 @@ pub struct PokeReport {
     pub hits: u64,
     /// The request's wall time inside the agent.
     pub window_ns: u64,
+    /// From the first int3 written to the last sync: how long a call of a site could trap.
+    pub int3_ns: u64,
 }
 
 /// A patch library loaded by the agent.
@@ -749,10 +751,12 @@ impl AgentConn {
                 sites_written,
                 hits,
                 window_ns,
+                int3_ns,
             } => Ok(PokeReport {
                 sites_written,
                 hits,
                 window_ns,
+                int3_ns,
             }),
             r => self.unexpected("poke-text", r),
         }

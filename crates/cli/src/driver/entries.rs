@@ -48,6 +48,9 @@ pub struct Window {
     pub threads: usize,
     /// Threads that hit a site's int3 during the window and were sent on by the agent's handler.
     pub int3_hits: u64,
+    /// Microseconds the int3s were in place (first int3 written to last sync): calls of the sites trapped
+    /// then, a few µs each; nobody stopped.
+    pub int3_us: u64,
     /// Attempts needed (a blocked PC check resumes everything and retries).
     pub attempts: u32,
     /// Microseconds from the first stop to the last resume of the successful attempt.
@@ -462,6 +465,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             mode: "stop-all",
             threads,
             int3_hits: 0,
+            int3_us: 0,
             attempts,
             window_us,
             switched,
@@ -545,6 +549,7 @@ fn write_stop_free(
         mode: "int3",
         threads: 0,
         int3_hits: r.hits,
+        int3_us: r.int3_ns / 1000,
         attempts: 1,
         window_us: t0.elapsed().as_micros() as u64,
         switched: 0,
