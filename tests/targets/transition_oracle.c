@@ -15,6 +15,8 @@
  *
  * With `--block-trap` one more thread blocks SIGTRAP with the raw rt_sigprocmask syscall (past the agent's
  * interposed sigprocmask) and sleeps: the agent must then refuse the stop-free entry write (PAUSE-FREE.md §4).
+ * With `--suspend` one more thread waits in sigsuspend with every signal but SIGUSR2 blocked (a daemon's
+ * usual wait): the agent's interposed sigsuspend keeps SIGTRAP out of that temporary mask.
  * Built with -DHOTPATCH, f and g start with GCC's 8-byte hot-patch prologue (ms_hook_prologue,
  * `lea 0(%rsp),%rsp`): one instruction under the entry jump, so relive writes the entries stop-free.
  * Every 20 ms the reporter prints one line:
@@ -230,6 +232,18 @@ static void *trap_blocker(void *arg) {
     return NULL;
 }
 
+/* --suspend: see the header. */
+static atomic_int suspending;
+static void *suspender(void *arg) {
+    (void)arg;
+    sigset_t m;
+    sigfillset(&m);
+    sigdelset(&m, SIGUSR2);
+    atomic_store(&suspending, 1);
+    for (;;) sigsuspend(&m);
+    return NULL;
+}
+
 static pthread_t workers[WORKERS];
 static void on_usr1(int sig) {
     (void)sig;
@@ -265,12 +279,13 @@ static void *reader(void *arg) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    int stall = 0, sigs = 0, park = 0, block_trap = 0;
+    int stall = 0, sigs = 0, park = 0, block_trap = 0, suspend = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stall")) stall = 1;
         if (!strcmp(argv[i], "--signals")) sigs = 1;
         if (!strcmp(argv[i], "--park")) park = 1;
         if (!strcmp(argv[i], "--block-trap")) block_trap = 1;
+        if (!strcmp(argv[i], "--suspend")) suspend = 1;
         if (!strcmp(argv[i], "--churn") && i + 1 < argc) churn_total = atol(argv[++i]);
         if (!strcmp(argv[i], "--duty") && i + 1 < argc) duty = atol(argv[++i]);
     }
@@ -290,6 +305,7 @@ int main(int argc, char **argv) {
     if (sigs) pthread_create(&t, NULL, signaller, NULL);
     if (park) pthread_create(&t, NULL, parker, NULL);
     if (block_trap) pthread_create(&t, NULL, trap_blocker, NULL);
+    if (suspend) pthread_create(&t, NULL, suspender, NULL);
     pthread_create(&t, NULL, reader, NULL);
     tiny();
     /* Wait until every worker has made a call before declaring readiness. */
@@ -297,6 +313,7 @@ int main(int argc, char **argv) {
         int all = 1;
         for (int w = 0; w < WORKERS; w++) all &= atomic_load(&oracle_worker_version[w]) != 0;
         if (block_trap) all &= atomic_load(&trap_blocked);
+        if (suspend) all &= atomic_load(&suspending);
         if (all) break;
         usleep(1000);
     }

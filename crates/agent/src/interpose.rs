@@ -8,6 +8,11 @@
 //!   handler chains to them for every trap that is not a site;
 //! - remove SIGTRAP from every `sa_mask` and from every mask given to SIG_BLOCK / SIG_SETMASK.
 //!
+//! The functions that wait with a temporary mask (`sigsuspend`, `pselect`, `ppoll`, `epoll_pwait`,
+//! `epoll_pwait2`) get that mask without SIGTRAP too: a handler that runs while the thread waits runs
+//! under it (the common `sigfillset`-minus-one `sigsuspend` of a daemon's main thread would otherwise
+//! block SIGTRAP there, and make the agent refuse every stop-free write while it waits).
+//!
 //! When the handler is not active (an injected agent, or this rlib linked into a test binary) they
 //! forward unchanged. glibc's `signal()` does not call `sigaction` through the PLT, hence `signal`,
 //! `bsd_signal` and `sysv_signal` too. The real functions come from `dlsym(RTLD_NEXT, …)`, cached.
@@ -19,13 +24,18 @@ use crate::int3::{ACTIVE, app, mask_word, sigbit, sigset_of};
 use core::ffi::{CStr, c_int};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-const NAMES: [&CStr; 6] = [
+const NAMES: [&CStr; 11] = [
     c"sigaction",
     c"signal",
     c"bsd_signal",
     c"sysv_signal",
     c"sigprocmask",
     c"pthread_sigmask",
+    c"sigsuspend",
+    c"pselect",
+    c"ppoll",
+    c"epoll_pwait",
+    c"epoll_pwait2",
 ];
 const SIGACTION: usize = 0;
 const SIGNAL: usize = 1;
@@ -33,10 +43,15 @@ const BSD_SIGNAL: usize = 2;
 const SYSV_SIGNAL: usize = 3;
 const SIGPROCMASK: usize = 4;
 const PTHREAD_SIGMASK: usize = 5;
+const SIGSUSPEND: usize = 6;
+const PSELECT: usize = 7;
+const PPOLL: usize = 8;
+const EPOLL_PWAIT: usize = 9;
+const EPOLL_PWAIT2: usize = 10;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const NONE: AtomicUsize = AtomicUsize::new(0);
-static REAL: [AtomicUsize; 6] = [NONE; 6];
+static REAL: [AtomicUsize; 11] = [NONE; 11];
 
 /// The next definition of `NAMES[i]` after this object (glibc's), resolved once.
 fn real(i: usize) -> usize {
@@ -268,6 +283,155 @@ pub unsafe extern "C" fn pthread_sigmask(
     old: *mut libc::sigset_t,
 ) -> c_int {
     forward_mask(PTHREAD_SIGMASK, how, set, old)
+}
+
+/// The caller's temporary mask without SIGTRAP when the handler is active (a copy in `buf`), else as given.
+fn temp_mask(mask: *const libc::sigset_t, buf: &mut libc::sigset_t) -> *const libc::sigset_t {
+    if active() && !mask.is_null() {
+        // SAFETY: the caller passes a valid set.
+        *buf = without_trap(unsafe { &*mask });
+        buf
+    } else {
+        mask
+    }
+}
+
+/// The real function `NAMES[i]` as a `T`, or `None` (errno ENOSYS) when glibc has none.
+///
+/// # Safety
+/// `T` must be the C type of `NAMES[i]`.
+unsafe fn real_fn<T: Copy>(i: usize) -> Option<T> {
+    let p = real(i);
+    if p == 0 {
+        set_errno(libc::ENOSYS);
+        return None;
+    }
+    debug_assert_eq!(core::mem::size_of::<T>(), core::mem::size_of::<usize>());
+    // SAFETY: `p` is glibc's function of this name, whose type the caller gives as `T`.
+    Some(unsafe { core::mem::transmute_copy(&p) })
+}
+
+/// Interposed `sigsuspend`.
+///
+/// # Safety
+/// As `sigsuspend(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigsuspend(mask: *const libc::sigset_t) -> c_int {
+    type F = unsafe extern "C" fn(*const libc::sigset_t) -> c_int;
+    // SAFETY: F is sigsuspend's type.
+    let Some(f) = (unsafe { real_fn::<F>(SIGSUSPEND) }) else {
+        return -1;
+    };
+    let mut buf = sigset_of(0);
+    // SAFETY: forwarding the caller's argument (or a valid local copy).
+    unsafe { f(temp_mask(mask, &mut buf)) }
+}
+
+/// Interposed `pselect`.
+///
+/// # Safety
+/// As `pselect(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pselect(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::fd_set,
+        *mut libc::fd_set,
+        *mut libc::fd_set,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    // SAFETY: F is pselect's type.
+    let Some(f) = (unsafe { real_fn::<F>(PSELECT) }) else {
+        return -1;
+    };
+    let mut buf = sigset_of(0);
+    // SAFETY: forwarding the caller's arguments (the mask maybe as a valid local copy).
+    unsafe { f(n, r, w, e, timeout, temp_mask(mask, &mut buf)) }
+}
+
+/// Interposed `ppoll`.
+///
+/// # Safety
+/// As `ppoll(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        *mut libc::pollfd,
+        libc::nfds_t,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    // SAFETY: F is ppoll's type.
+    let Some(f) = (unsafe { real_fn::<F>(PPOLL) }) else {
+        return -1;
+    };
+    let mut buf = sigset_of(0);
+    // SAFETY: forwarding the caller's arguments (the mask maybe as a valid local copy).
+    unsafe { f(fds, nfds, timeout, temp_mask(mask, &mut buf)) }
+}
+
+/// Interposed `epoll_pwait`.
+///
+/// # Safety
+/// As `epoll_pwait(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    type F =
+        unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int, *const libc::sigset_t) -> c_int;
+    // SAFETY: F is epoll_pwait's type.
+    let Some(f) = (unsafe { real_fn::<F>(EPOLL_PWAIT) }) else {
+        return -1;
+    };
+    let mut buf = sigset_of(0);
+    // SAFETY: forwarding the caller's arguments (the mask maybe as a valid local copy).
+    unsafe { f(epfd, events, max, timeout, temp_mask(mask, &mut buf)) }
+}
+
+/// Interposed `epoll_pwait2`.
+///
+/// # Safety
+/// As `epoll_pwait2(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::epoll_event,
+        c_int,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    // SAFETY: F is epoll_pwait2's type.
+    let Some(f) = (unsafe { real_fn::<F>(EPOLL_PWAIT2) }) else {
+        return -1;
+    };
+    let mut buf = sigset_of(0);
+    // SAFETY: forwarding the caller's arguments (the mask maybe as a valid local copy).
+    unsafe { f(epfd, events, max, timeout, temp_mask(mask, &mut buf)) }
 }
 
 #[cfg(test)]

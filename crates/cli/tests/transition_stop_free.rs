@@ -121,3 +121,28 @@ fn serial_t_issue5_stop_free_can_be_turned_off() {
     let s = t.wait_workers(1);
     assert_eq!(num(&s, "mix"), 0, "{s:?}");
 }
+
+/// A thread waiting in `sigsuspend` with every signal but one blocked (a daemon's usual main loop) would block
+/// SIGTRAP for as long as it waits, and the agent would refuse every stop-free write. The agent's interposed
+/// `sigsuspend` (also `pselect`, `ppoll`, `epoll_pwait`, `epoll_pwait2`) keeps SIGTRAP out of that
+/// temporary mask, so the entries are still written without a stop.
+#[test]
+fn serial_t_issue5_stop_free_with_a_thread_in_sigsuspend_blocking_everything_else() {
+    let mut t = hotpatch_oracle(&["--duty", "200", "--suspend"]);
+    let pid = t.pid().to_string();
+    let a = patch("hps", &["VERSION=2"]);
+    let o = ok(&["--json", "-v", "apply", &pid, a.to_str().unwrap()]);
+    let m = modes(&json(&o));
+    assert!(
+        !m.is_empty() && m.iter().all(|m| m == "int3"),
+        "{m:?}\n{}",
+        text(&o)
+    );
+    let s = t.wait_workers(2);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    let o = ok(&["--json", "disable", &pid, "hps"]);
+    assert!(modes(&json(&o)).iter().all(|m| m == "int3"), "{}", text(&o));
+    let s = t.wait_workers(1);
+    assert_eq!(num(&s, "mix"), 0, "{s:?}");
+    assert!(t.alive());
+}
