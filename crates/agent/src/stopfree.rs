@@ -141,12 +141,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
 }
 
-/// One thread's (SigBlk, TracerPid), from its `status` file opened relative to `/proc/self/task`
-/// (`task`, an open directory), or `None` when it exited meanwhile.
-fn thread_status(task: &std::fs::File, tid: i32, buf: &mut Vec<u8>) -> Option<(u64, i32)> {
+/// One thread's blocked-signal mask (field 32 of its `stat` file, opened relative to `/proc/self/task`,
+/// `task`), or `None` when it exited meanwhile. `stat` costs about a third less than `status` to produce,
+/// which counts with thousands of threads.
+fn thread_blocked(task: &std::fs::File, tid: i32, buf: &mut Vec<u8>) -> Option<u64> {
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd};
-    let name = std::ffi::CString::new(format!("{tid}/status")).expect("no NUL");
+    let name = std::ffi::CString::new(format!("{tid}/stat")).expect("no NUL");
     // SAFETY: openat with a valid directory fd and a NUL-terminated relative path; the fd it returns is
     // owned by the File below, which closes it.
     let fd = unsafe { libc::openat(task.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
@@ -157,28 +158,48 @@ fn thread_status(task: &std::fs::File, tid: i32, buf: &mut Vec<u8>) -> Option<(u
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     buf.clear();
     f.read_to_end(buf).ok()?;
-    let text = std::str::from_utf8(buf).ok()?;
-    let (mut blk, mut tracer) = (0, 0);
-    for l in text.lines() {
-        if let Some(v) = l.strip_prefix("SigBlk:") {
-            blk = u64::from_str_radix(v.trim(), 16).unwrap_or(0);
-        } else if let Some(v) = l.strip_prefix("TracerPid:") {
-            tracer = v.trim().parse().unwrap_or(0);
-        }
-    }
-    Some((blk, tracer))
+    blocked_of_stat(buf)
 }
 
-/// The threads of this process (tid, SigBlk, TracerPid), from /proc/self/task/*/status. A thread that
-/// blocks SIGTRAP is read again for up to about 2 ms: glibc blocks every signal for a few instructions by
-/// raw syscall (pthread_kill, pthread_create, posix_spawn) without running application code meanwhile, and
-/// only a thread that keeps SIGTRAP blocked is reported as blocking it.
-fn threads() -> Result<Vec<(i32, u64, i32)>, String> {
+/// Field 32 (`blocked`, decimal) of a `/proc/.../stat` line. The fields after the command name, which may
+/// hold spaces and parentheses, start at field 3.
+fn blocked_of_stat(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    rest.split_ascii_whitespace().nth(32 - 3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod stat_tests {
+    #[test]
+    fn blocked_is_field_32_even_with_a_command_name_holding_parentheses() {
+        let line = b"4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 777 1000 10                      18446744073709551615 1 2 3 0 0 0 16 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+        assert_eq!(super::blocked_of_stat(line), Some(16));
+        assert_eq!(super::blocked_of_stat(b"12 (x) S 1"), None);
+    }
+}
+
+/// The process's TracerPid (`/proc/self/status`): a debugger attaches to every thread (gdb, strace -p).
+fn tracer_pid() -> i32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// The threads of this process and their blocked-signal masks, from /proc/self/task/*/stat. A thread
+/// that blocks SIGTRAP is read again for up to about 2 ms: glibc blocks every signal for a few instructions
+/// by raw syscall (pthread_kill, pthread_create, posix_spawn) without running application code meanwhile,
+/// and only a thread that keeps SIGTRAP blocked is reported as blocking it.
+fn threads() -> Result<Vec<(i32, u64)>, String> {
     let task =
         std::fs::File::open("/proc/self/task").map_err(|e| format!("cannot open /proc/self/task: {e}"))?;
     let rd = std::fs::read_dir("/proc/self/task").map_err(|e| format!("cannot list /proc/self/task: {e}"))?;
     let mut out = Vec::new();
-    let mut buf = Vec::with_capacity(2048);
+    let mut buf = Vec::with_capacity(512);
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() };
     for e in rd.flatten() {
@@ -186,19 +207,16 @@ fn threads() -> Result<Vec<(i32, u64, i32)>, String> {
             continue;
         };
         // A thread that exits meanwhile is no concern.
-        let Some((mut blk, tracer)) = thread_status(&task, tid, &mut buf) else {
+        let Some(mut blk) = thread_blocked(&task, tid, &mut buf) else {
             continue;
         };
         let mut tries = 0;
         while tid != me && blk & int3::sigbit(libc::SIGTRAP) != 0 && tries < 20 {
             tries += 1;
             std::thread::sleep(std::time::Duration::from_micros(100));
-            match thread_status(&task, tid, &mut buf) {
-                Some((b, _)) => blk = b,
-                None => blk = 0,
-            }
+            blk = thread_blocked(&task, tid, &mut buf).unwrap_or(0);
         }
-        out.push((tid, blk, tracer));
+        out.push((tid, blk));
     }
     out.sort();
     Ok(out)
@@ -241,12 +259,13 @@ pub fn status() -> Result<(), String> {
     ensure_membarrier()?;
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() };
-    for (tid, blk, tracer) in threads()? {
-        if tracer != 0 {
-            return Err(format!(
-                "thread {tid} of pid {pid} is traced by pid {tracer} (a debugger would receive the int3 traps)"
-            ));
-        }
+    let tracer = tracer_pid();
+    if tracer != 0 {
+        return Err(format!(
+            "pid {pid} is traced by pid {tracer} (a debugger would receive the int3 traps)"
+        ));
+    }
+    for (tid, blk) in threads()? {
         if tid != me && blk & int3::sigbit(libc::SIGTRAP) != 0 {
             return Err(format!(
                 "thread {tid} of pid {pid} blocks SIGTRAP (SigBlk {blk:016x}): an int3 would kill the process"
