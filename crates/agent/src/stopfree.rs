@@ -169,16 +169,6 @@ fn blocked_of_stat(stat: &[u8]) -> Option<u64> {
     rest.split_ascii_whitespace().nth(32 - 3)?.parse().ok()
 }
 
-#[cfg(test)]
-mod stat_tests {
-    #[test]
-    fn blocked_is_field_32_even_with_a_command_name_holding_parentheses() {
-        let line = b"4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 777 1000 10                      18446744073709551615 1 2 3 0 0 0 16 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
-        assert_eq!(super::blocked_of_stat(line), Some(16));
-        assert_eq!(super::blocked_of_stat(b"12 (x) S 1"), None);
-    }
-}
-
 /// The process's TracerPid (`/proc/self/status`): a debugger attaches to every thread (gdb, strace -p).
 fn tracer_pid() -> i32 {
     std::fs::read_to_string("/proc/self/status")
@@ -471,4 +461,14 @@ fn undo(fd: i32, todo: &[&PokeSite]) {
         let _ = write_at(fd, s.addr, &s.expect[..1]);
     }
     let _ = sync_cores();
+}
+
+#[cfg(test)]
+mod stat_tests {
+    #[test]
+    fn blocked_is_field_32_even_with_a_command_name_holding_parentheses() {
+        let line = b"4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 777 1000 10                      18446744073709551615 1 2 3 0 0 0 16 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+        assert_eq!(super::blocked_of_stat(line), Some(16));
+        assert_eq!(super::blocked_of_stat(b"12 (x) S 1"), None);
+    }
 }
