@@ -184,6 +184,7 @@ impl Session {
 
     /// Writes the document to the registry (write-ahead: before acting on it, DESIGN §4.8).
     pub fn save(&mut self) -> Result<(), Fail> {
+        let t0 = std::time::Instant::now();
         let body = serde_json::to_vec(&self.doc).context("cannot encode the registry document")?;
         if body.len() > relive_abi::registry::BODY_CAPACITY {
             return Err(Fail::Error(anyhow!(
@@ -196,6 +197,7 @@ impl Session {
         self.conn
             .write_body(BODY_VERSION, &body)
             .map_err(|e| Fail::Error(anyhow!(e)))?;
+        tracing::debug!(pid = self.pid, "registry document saved ({} bytes) in {:?}", body.len(), t0.elapsed());
         Ok(())
     }
 
