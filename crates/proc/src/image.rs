@@ -39,7 +39,9 @@ pub struct LoadedModule {
     /// The file's bytes, mapped read-only (the vDSO: copied from memory).
     pub data: FileBytes,
     pub bytes_from: BytesFrom,
-    pub symbols: Arc<SymbolTable>,
+    /// Built on first use: most commands look up symbols in one or two objects, and building the table of
+    /// a large library (libc, a debug file) is a good part of an image load.
+    pub symbols: Arc<LazySymbols>,
     /// The debug file whose symbols were merged in, if one was found by build-id.
     pub debug_file: Option<PathBuf>,
 }
@@ -57,6 +59,40 @@ impl LoadedModule {
 
     pub fn contains(&self, avma: Avma) -> bool {
         avma.0 >= self.mapping.start && avma.0 < self.mapping.end
+    }
+}
+
+/// A module's symbol table, built from its bytes (and its debug file's) the first time it is used; it
+/// dereferences to the [`SymbolTable`].
+pub struct LazySymbols {
+    data: FileBytes,
+    debug: Option<FileBytes>,
+    table: std::sync::OnceLock<SymbolTable>,
+}
+
+impl LazySymbols {
+    pub fn new(data: FileBytes, debug: Option<FileBytes>) -> LazySymbols {
+        LazySymbols {
+            data,
+            debug,
+            table: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for LazySymbols {
+    type Target = SymbolTable;
+    fn deref(&self) -> &SymbolTable {
+        self.table
+            .get_or_init(|| SymbolTable::from_elf(&self.data, self.debug.as_deref()))
+    }
+}
+
+impl std::fmt::Debug for LazySymbols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazySymbols")
+            .field("built", &self.table.get().is_some())
+            .finish()
     }
 }
 
@@ -242,7 +278,7 @@ impl ProcessImage {
             } else {
                 None
             };
-            let symbols = SymbolTable::from_elf(&data, debug.as_ref().map(|(_, b)| &b[..]));
+            let symbols = LazySymbols::new(data.clone(), debug.as_ref().map(|(_, b)| b.clone()));
             modules.push(LoadedModule {
                 path: m.path.clone(),
                 deleted: m.deleted,
