@@ -67,6 +67,10 @@ pub mod off {
 pub const FLAG_READY: u32 = 1;
 /// `flags`: the agent was loaded with `LD_PRELOAD` (it was already mapped before `main`).
 pub const FLAG_PRELOADED: u32 = 2;
+/// `flags`: the agent's SIGTRAP handler is installed (a preloaded agent that interposes the signal
+/// functions): stop-free entry writes are possible, and a stray single-step trap (a tracer killed while it
+/// single-stepped a thread) is dropped instead of killing the process.
+pub const FLAG_TRAP_HANDLER: u32 = 4;
 
 /// The decoded fixed header.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -127,7 +127,9 @@ extern "C" fn atfork_child() {
     service::close_channel(channel());
     crate::ops::after_fork_child();
     crate::stopfree::after_fork_child();
-    let flags = crate::registry::header().map_or(0, |h| h.flags & layout::FLAG_PRELOADED);
+    let flags = crate::registry::header().map_or(0, |h| {
+        h.flags & (layout::FLAG_PRELOADED | layout::FLAG_TRAP_HANDLER)
+    });
     start(flags);
     crate::ops::BUSY_TID.store(0, Ordering::Relaxed);
     crate::ops::unlock_busy();
@@ -150,7 +152,11 @@ pub extern "C" fn agent_init() {
     crate::interpose::resolve_all();
     let preloaded = preloaded();
     crate::int3::install(preloaded);
-    start(if preloaded { layout::FLAG_PRELOADED } else { 0 });
+    let mut flags = if preloaded { layout::FLAG_PRELOADED } else { 0 };
+    if crate::int3::ACTIVE.load(Ordering::Acquire) {
+        flags |= layout::FLAG_TRAP_HANDLER;
+    }
+    start(flags);
     // SAFETY: registers three extern "C" fns with no arguments, as pthread_atfork expects.
     unsafe { pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child)) };
 }

@@ -19,6 +19,13 @@ pub const MAX_SITES: usize = 4096;
 const SLOTS: usize = 2 * MAX_SITES;
 /// `si_code` of a trap raised by the CPU (int3 is delivered with SI_KERNEL on x86-64).
 pub const SI_KERNEL: i32 = 0x80;
+/// `si_code` of a single-step trap (EFLAGS.TF) after an instruction.
+pub const TRAP_TRACE: i32 = 2;
+/// `si_code` the kernel gives a single step that ends at a system call's exit with no tracer to report it
+/// to (`user_single_step_report`).
+pub const TRAP_BRKPT: i32 = 1;
+/// Single-step traps dropped because nobody asked for them (see `chain`).
+pub static STRAY_STEPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 /// The breakpoint byte.
 pub const INT3: u8 = 0xcc;
 
@@ -257,6 +264,21 @@ fn die_by(sig: i32) {
 /// Called from the SIGTRAP handler with the kernel's `info` and `ctx`.
 unsafe fn chain(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let a = app::get();
+    // SAFETY: the kernel passes a valid siginfo.
+    let code = unsafe { (*info).si_code };
+    if (code == TRAP_TRACE || code == TRAP_BRKPT) && a.handler == libc::SIG_DFL && !ctx.is_null() {
+        // A single-step trap nobody in the process asked for: a tracer (relive's transition driver steps a
+        // thread out of a patched function) was killed in the middle of a step and left EFLAGS.TF set. The
+        // kernel reports it as TRAP_TRACE after an instruction, or as TRAP_BRKPT at the exit of a system
+        // call; delivering this signal clears the kernel's stepping state. Clear TF too and go on, instead of
+        // dying by SIGTRAP (DESIGN §4.8: a killed controller leaves a target that keeps running). An int3 is
+        // SI_KERNEL, a signal sent by a process SI_USER or SI_TKILL: those still end the process.
+        let uc = ctx as *mut libc::ucontext_t;
+        // SAFETY: the kernel's ucontext of this thread; sigreturn restores EFLAGS from it.
+        unsafe { (*uc).uc_mcontext.gregs[libc::REG_EFL as usize] &= !0x100 };
+        STRAY_STEPS.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     match a.handler {
         libc::SIG_DFL => die_by(sig),
         libc::SIG_IGN => {

@@ -34,6 +34,7 @@ const VOLATILE: &[&str] = &[
     "int3_us",
     "attempts",
     "rounds",
+    "steps",
     "frame",
     "registry_addr",
     "tls_image_addr",

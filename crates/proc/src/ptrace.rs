@@ -373,6 +373,15 @@ impl StoppedThread {
         Ok(())
     }
 
+    /// `PTRACE_GETSIGMASK`: the thread's blocked-signal mask (bit `n - 1` for signal `n`).
+    pub fn sigmask(&self) -> Result<u64> {
+        let mut m: u64 = 0;
+        if ptrace(libc::PTRACE_GETSIGMASK, self.tid, 8, &mut m as *mut u64 as u64) != 0 {
+            return Err(ProcError::last_os(self.pid, Some(self.tid), "PTRACE_GETSIGMASK"));
+        }
+        Ok(m)
+    }
+
     /// Detaches: the thread runs on. Same as dropping, but reports errors.
     pub fn resume(mut self) -> Result<()> {
         self.detach_inner(0)
@@ -517,19 +526,77 @@ pub fn stop_all(pid: i32) -> Result<StoppedProcess> {
     Ok(out)
 }
 
+/// What [`stop_each`]'s callback wants next for the thread it was handed.
+pub enum Then {
+    /// Done with it (the callback resumed it, or dropping it detaches).
+    Done,
+    /// Run one instruction (`PTRACE_SINGLESTEP`) and hand it back once it has: other threads are handled
+    /// meanwhile, so a step that waits for a CPU holds up nobody else.
+    Step(StoppedThread),
+}
+
+/// Whether the SIGTRAP stop `tid` is in now is the end of a single step (`TRAP_TRACE`), not a signal.
+fn is_step_trap(pid: i32, tid: i32) -> Result<bool> {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+    let mut si: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    if ptrace(libc::PTRACE_GETSIGINFO, tid, 0, &mut si as *mut _ as u64) != 0 {
+        return Err(ProcError::last_os(pid, Some(tid), "PTRACE_GETSIGINFO"));
+    }
+    const TRAP_TRACE: i32 = 2;
+    Ok(si.si_code == TRAP_TRACE)
+}
+
+/// Waits for the step of `t` to end and detaches it, delivering a signal that stopped it instead (never
+/// the step's own trap).
+fn abandon_step(mut t: StoppedThread) {
+    loop {
+        match wait_tid(t.pid, t.tid) {
+            Ok(StopKind::Signal(libc::SIGTRAP)) if is_step_trap(t.pid, t.tid).unwrap_or(true) => {
+                t.stopped = true;
+                let _ = t.detach_inner(0);
+                return;
+            }
+            Ok(StopKind::Signal(sig)) => {
+                t.stopped = true;
+                let _ = t.detach_inner(sig);
+                return;
+            }
+            Ok(StopKind::EventStop(_)) => {
+                t.stopped = true;
+                let _ = t.detach_inner(0);
+                return;
+            }
+            Ok(StopKind::Syscall | StopKind::Event(_)) => {
+                if ptrace(libc::PTRACE_SINGLESTEP, t.tid, 0, 0) != 0 {
+                    t.attached = false;
+                    return;
+                }
+            }
+            Ok(StopKind::Exited(_) | StopKind::Killed(_)) | Err(_) => {
+                t.attached = false;
+                t.stopped = false;
+                return;
+            }
+        }
+    }
+}
+
 /// Stops the threads `tids` of `pid` together and hands each one to `each` as soon as it stops, so that a
 /// thread's pause is its own handling only, not the wait for the others (issue 5: interrupt every pending
-/// thread at once, switch each one as it stops). `each` resumes the thread (or drops it, which detaches).
+/// thread at once, switch each one as it stops). `each` resumes the thread (or drops it, which detaches), or
+/// asks for one single step ([`Then::Step`]) after which the thread is handed back to it. A signal that
+/// arrives during a step ends the stepping: the thread is resumed with that signal and not handed back.
 /// Returns the threads that exited meanwhile. Only these threads stop; the rest of the process runs on.
 /// (Added by the transition driver; waits with `waitpid(-1, __WALL)`, ignoring other children's events.)
 pub fn stop_each(
     pid: i32,
     tids: &[i32],
-    mut each: impl FnMut(StoppedThread) -> Result<()>,
+    mut each: impl FnMut(StoppedThread) -> Result<Then>,
 ) -> Result<Vec<i32>> {
     let mut gone = Vec::new();
     let mut waiting: Vec<i32> = Vec::new();
-    let release = |waiting: &[i32]| {
+    let mut stepping: Vec<StoppedThread> = Vec::new();
+    let release = |waiting: &[i32], stepping: &mut Vec<StoppedThread>| {
         for &t in waiting {
             if wait_for_interrupt(pid, t).is_ok() {
                 drop(StoppedThread {
@@ -540,6 +607,9 @@ pub fn stop_each(
                 });
             }
         }
+        for t in stepping.drain(..) {
+            abandon_step(t);
+        }
     };
     for &tid in tids {
         match seize(pid, tid) {
@@ -549,7 +619,7 @@ pub fn stop_each(
                 continue;
             }
             Err(e) => {
-                release(&waiting);
+                release(&waiting, &mut stepping);
                 return Err(e);
             }
         }
@@ -557,11 +627,25 @@ pub fn stop_each(
         if let Err(e) = interrupt(pid, tid)
             && !e.is_target_died()
         {
-            release(&waiting);
+            release(&waiting, &mut stepping);
             return Err(e);
         }
     }
-    while !waiting.is_empty() {
+    // Hands a stopped thread to `each` and starts its step if it asks for one.
+    let mut hand = |t: StoppedThread, stepping: &mut Vec<StoppedThread>| -> Result<()> {
+        match each(t)? {
+            Then::Done => Ok(()),
+            Then::Step(mut t) => {
+                if ptrace(libc::PTRACE_SINGLESTEP, t.tid, 0, 0) != 0 {
+                    return Err(ProcError::last_os(pid, Some(t.tid), "PTRACE_SINGLESTEP"));
+                }
+                t.stopped = false;
+                stepping.push(t);
+                Ok(())
+            }
+        }
+    };
+    while !waiting.is_empty() || !stepping.is_empty() {
         let mut status = 0;
         // SAFETY: waitpid writes one int to `status`, a valid local.
         let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
@@ -570,8 +654,54 @@ pub fn stop_each(
             if err.raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            release(&waiting);
+            release(&waiting, &mut stepping);
             return Err(ProcError::from_os(pid, None, "waitpid", err));
+        }
+        if let Some(j) = stepping.iter().position(|t| t.tid == r) {
+            let kind = decode_status(status);
+            let mut t = stepping.swap_remove(j);
+            let done = match kind {
+                StopKind::Signal(libc::SIGTRAP) => match is_step_trap(pid, r) {
+                    Ok(true) => None,
+                    Ok(false) => Some(libc::SIGTRAP),
+                    Err(e) => {
+                        t.stopped = true;
+                        stepping.push(t);
+                        release(&waiting, &mut stepping);
+                        return Err(e);
+                    }
+                },
+                StopKind::Signal(sig) => Some(sig),
+                StopKind::EventStop(_) => None,
+                StopKind::Syscall | StopKind::Event(_) => {
+                    if ptrace(libc::PTRACE_SINGLESTEP, r, 0, 0) != 0 {
+                        t.attached = false;
+                        gone.push(r);
+                    } else {
+                        stepping.push(t);
+                    }
+                    continue;
+                }
+                StopKind::Exited(_) | StopKind::Killed(_) => {
+                    t.attached = false;
+                    gone.push(r);
+                    continue;
+                }
+            };
+            t.stopped = true;
+            match done {
+                None => {
+                    if let Err(e) = hand(t, &mut stepping) {
+                        release(&waiting, &mut stepping);
+                        return Err(e);
+                    }
+                }
+                // A signal came first: deliver it and stop stepping this thread (it stays pending).
+                Some(sig) => {
+                    let _ = t.resume_with_signal(sig);
+                }
+            }
+            continue;
         }
         let Some(i) = waiting.iter().position(|&t| t == r) else {
             continue;
@@ -579,13 +709,14 @@ pub fn stop_each(
         match decode_status(status) {
             StopKind::EventStop(_) => {
                 waiting.swap_remove(i);
-                if let Err(e) = each(StoppedThread {
+                let t = StoppedThread {
                     pid,
                     tid: r,
                     attached: true,
                     stopped: true,
-                }) {
-                    release(&waiting);
+                };
+                if let Err(e) = hand(t, &mut stepping) {
+                    release(&waiting, &mut stepping);
                     return Err(e);
                 }
             }

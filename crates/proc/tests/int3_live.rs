@@ -375,3 +375,54 @@ fn serial_t_int3_fork_child_writes_its_own_memory() {
     let s = stats(&mut h);
     assert_eq!(s.bad, 0, "{s:?}");
 }
+
+/// DESIGN §4.8 (a killed controller leaves a target that keeps running): relive's transition driver
+/// single-steps threads out of patched functions, and the kernel does not clear EFLAGS.TF when a tracer
+/// dies mid-step, so the thread then takes a single-step SIGTRAP nobody asked for. Without an application
+/// SIGTRAP handler that would kill the process; the agent's handler drops it. A tracer that exits right
+/// after starting a step (tests/targets/stray_step_tracer.c) leaves each hammer thread in that state, 20
+/// times over; the target keeps running and computing right.
+#[test]
+fn serial_t_int3_stray_single_step_trap_of_a_dead_tracer_is_dropped() {
+    let mut h = hammer(&["2"], true);
+    let pid = h.child.pid();
+    let tracer = compile_c("stray_step_tracer", &["stray_step_tracer.c"], FLAGS);
+    let before = stats(&mut h);
+    let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&t| t != pid)
+        // relive steps only threads that do not block SIGTRAP (`StoppedThread::sigmask`): a trap with SIGTRAP
+        // blocked kills the process whatever its handler (the agent's service thread blocks everything).
+        .filter(|&t| {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap_or_default();
+            st.lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|m| m & (1 << (libc::SIGTRAP - 1)) == 0)
+        })
+        .collect();
+    let mut started = 0;
+    for _ in 0..20 {
+        for &tid in &tids {
+            let o = Command::new(&tracer).arg(tid.to_string()).output().unwrap();
+            started += o.status.success() as u32;
+            assert!(
+                h.child.child_mut().try_wait().unwrap().is_none(),
+                "pid {pid} died after a tracer left thread {tid} single-stepping: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    assert!(started >= 20, "the tracer started only {started} steps");
+    let after = stats(&mut h);
+    assert!(
+        h.child.child_mut().try_wait().unwrap().is_none(),
+        "pid {pid} died"
+    );
+    assert!(
+        after.calls > before.calls,
+        "the hammer stopped: {before:?} {after:?}"
+    );
+    assert_eq!(after.bad, 0, "{after:?}");
+}

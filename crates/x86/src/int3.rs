@@ -143,3 +143,44 @@ mod emulation_tests {
         assert_eq!(int3_emulation(at, &jmp[..4]), None);
     }
 }
+
+/// Whether single-stepping the instruction that starts `bytes` returns at once: false for anything that
+/// enters the kernel and may block there (`syscall`, `sysenter`, `int n`), halts, or does not decode. The
+/// transition driver steps a thread a few instructions out of a patched function's innermost frame only
+/// over instructions for which this holds.
+pub fn single_step_safe(bytes: &[u8]) -> bool {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    let ins = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE).decode();
+    !ins.is_invalid()
+        && !matches!(
+            ins.mnemonic(),
+            Mnemonic::Syscall
+                | Mnemonic::Sysenter
+                | Mnemonic::Int
+                | Mnemonic::Int1
+                | Mnemonic::Int3
+                | Mnemonic::Into
+                | Mnemonic::Hlt
+                | Mnemonic::Ud0
+                | Mnemonic::Ud1
+                | Mnemonic::Ud2
+        )
+}
+
+#[cfg(test)]
+mod step_tests {
+    use super::single_step_safe;
+
+    #[test]
+    fn system_calls_traps_and_garbage_are_not_stepped() {
+        assert!(single_step_safe(&[0x48, 0x8d, 0x44, 0x3f, 0x01])); // lea
+        assert!(single_step_safe(&[0xc3])); // ret
+        assert!(single_step_safe(&[0xe8, 0, 0, 0, 0])); // call
+        assert!(!single_step_safe(&[0x0f, 0x05])); // syscall
+        assert!(!single_step_safe(&[0xcd, 0x80])); // int 0x80
+        assert!(!single_step_safe(&[0xcc])); // int3
+        assert!(!single_step_safe(&[0x0f, 0x0b])); // ud2
+        assert!(!single_step_safe(&[0xf4])); // hlt
+        assert!(!single_step_safe(&[0x0f])); // truncated
+    }
+}

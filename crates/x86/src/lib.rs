@@ -80,7 +80,9 @@ pub use entry::{
     encode_jmp_rel32, rel32_reaches,
 };
 pub use error::{ClobberError, EncodeError, EntryError};
-pub use int3::{INT3, Int3Plan, Int3Step, int3_batch, int3_emulation, int3_protocol, int3_state_after};
+pub use int3::{
+    INT3, Int3Plan, Int3Step, int3_batch, int3_emulation, int3_protocol, int3_state_after, single_step_safe,
+};
 pub use regs::{
     Clobbers, FunctionCode, MAX_FUNCTIONS, RegSet, Thunk, VectorWidth, clobbered_registers,
     encode_preserving_thunk,

@@ -437,10 +437,9 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             .is_some_and(|t| t.phase == relive_core::Phase::Started)
         {
             let mut st = super::switch::SwitchStats::default();
-            let mut blockers = vec![];
-            let mut r = Ok(());
+            let mut r = Ok(None);
             for (tid, fs_base, stack) in stacks {
-                r = super::switch::settle(s, tid, fs_base, |_| stack, &mut st, &mut blockers);
+                r = super::switch::settle(s, tid, fs_base, |_| stack, &mut st);
                 if r.is_err() {
                     break;
                 }
@@ -627,7 +626,7 @@ fn retire_stubs_where(
                 }
             }
         }
-        t.resume()
+        t.resume().map(|()| relive_proc::ptrace::Then::Done)
     })
     .map_err(|e| proc_err(pid, "cannot check the threads before unmapping stub pages", e))?;
     for e in &idle {

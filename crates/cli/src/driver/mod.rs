@@ -110,6 +110,8 @@ pub struct Report {
     pub target: Option<String>,
     pub threads: usize,
     pub switched: usize,
+    /// Single steps that moved threads out of a patched function they were executing (`switch::handle`).
+    pub steps: u32,
     pub rounds: u32,
     pub blockers: Vec<Blocker>,
     /// The transition was forced (C11): `relive force`.
@@ -183,6 +185,7 @@ impl Report {
 
     fn add_stats(&mut self, st: &SwitchStats) {
         self.rounds += st.rounds;
+        self.steps += st.steps;
         self.switched += st.switched;
         self.blockers = st.blockers.clone();
         let mut p = st.pauses_us.clone();

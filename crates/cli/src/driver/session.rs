@@ -30,6 +30,9 @@ pub struct Session {
     pub settled_all: bool,
     /// Whether the agent had to be injected by this session.
     pub injected: bool,
+    /// The agent's SIGTRAP handler is installed (`FLAG_TRAP_HANDLER`): it drops a stray single-step trap, so
+    /// the switching loop may single-step threads (a killed controller could leave EFLAGS.TF set).
+    pub trap_handler: bool,
     locked: bool,
 }
 
@@ -111,6 +114,7 @@ impl Session {
             image_opts,
             settled_all: false,
             injected,
+            trap_handler: snap.header.flags & relive_abi::registry::FLAG_TRAP_HANDLER != 0,
             locked: true,
         };
         s.doc.model.set_max_depth(opts.max_depth);
@@ -197,7 +201,12 @@ impl Session {
         self.conn
             .write_body(BODY_VERSION, &body)
             .map_err(|e| Fail::Error(anyhow!(e)))?;
-        tracing::debug!(pid = self.pid, "registry document saved ({} bytes) in {:?}", body.len(), t0.elapsed());
+        tracing::debug!(
+            pid = self.pid,
+            "registry document saved ({} bytes) in {:?}",
+            body.len(),
+            t0.elapsed()
+        );
         Ok(())
     }
 

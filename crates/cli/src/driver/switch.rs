@@ -2,7 +2,7 @@
 //! resume it; retry the blocked ones every interval until none is pending, the timeout passes, or the
 //! transition is over.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
@@ -22,6 +22,8 @@ pub struct SwitchStats {
     #[serde(skip)]
     pub pauses_us: Vec<u64>,
     pub switched: usize,
+    /// Single steps taken to move threads out of a patched function they were executing.
+    pub steps: u32,
     pub blockers: Vec<Blocker>,
 }
 
@@ -66,18 +68,28 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
     let pid = s.pid;
     let mut blockers = vec![];
     let mut reader = PageCacheReader::new(pid);
+    // Per thread: when its handling began and how many single steps it took (a thread stepped out of a
+    // patched function is handed back after each step; its pause runs from the first handling to the end).
+    let mut began: HashMap<i32, (Instant, u32)> = HashMap::new();
     let gone = relive_proc::ptrace::stop_each(pid, tids, |t| {
-        let t0 = Instant::now();
         let tid = t.tid();
-        let r = handle(s, &t, &mut reader, stats, &mut blockers);
+        let (t0, steps) = *began.entry(tid).or_insert((Instant::now(), 0));
+        let r = handle(s, &t, &mut reader, stats, &mut blockers, steps);
+        let step = matches!(r, Ok(true));
+        if step {
+            began.insert(tid, (t0, steps + 1));
+            stats.steps += 1;
+            return Ok(relive_proc::ptrace::Then::Step(t));
+        }
         t.resume()?;
         stats.pauses_us.push(t0.elapsed().as_micros() as u64);
-        r.map_err(|e| relive_proc::ProcError::Os {
-            pid,
-            tid: Some(tid),
-            op: "switch a thread",
-            source: std::io::Error::other(e.to_string()),
-        })
+        r.map(|_| relive_proc::ptrace::Then::Done)
+            .map_err(|e| relive_proc::ProcError::Os {
+                pid,
+                tid: Some(tid),
+                op: "switch a thread",
+                source: std::io::Error::other(e.to_string()),
+            })
     })
     .map_err(|e| {
         if !relive_proc::process_exists(pid) {
@@ -102,20 +114,30 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
     })
 }
 
+/// Most instructions a thread is single-stepped to leave the patched function it is executing (each step is
+/// a ptrace round trip of some 10–30 µs here, and the thread is stopped meanwhile).
+const MAX_STEPS: u32 = 16;
+
 /// Handles one stopped thread: adopt what its slot says, and if it is pending, unwind it and try to switch it.
+/// Returns true when the thread should be single-stepped and handed back: it is blocked only because its
+/// live PC is inside a patched function (frame 0: it is executing it, often a short leaf), the next
+/// instruction is safe to step, and the agent's SIGTRAP handler is there to drop the step's trap should
+/// this controller be killed mid-step (the kernel does not clear EFLAGS.TF when a tracer dies). Stepping it out (at most [`MAX_STEPS`]) beats resuming it and interrupting it
+/// again a round later, which costs a whole scheduling rotation when every CPU is busy.
 fn handle(
     s: &mut Session,
     t: &relive_proc::StoppedThread,
     reader: &mut PageCacheReader,
     stats: &mut SwitchStats,
     blockers: &mut Vec<Blocker>,
-) -> Result<(), Fail> {
+    steps: u32,
+) -> Result<bool, Fail> {
     let pid = s.pid;
     let tid = t.tid();
     let regs = t
         .regs()
         .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
-    settle(
+    let blocked = settle(
         s,
         tid,
         regs.fs_base,
@@ -132,21 +154,42 @@ fn handle(
             )
         },
         stats,
-        blockers,
-    )
+    )?;
+    let Some(b) = blocked else {
+        return Ok(false);
+    };
+    let mut ins = [0u8; 15];
+    // A thread that single-steps itself (EFLAGS.TF: an in-process debugger, a tracer of its own) would lose
+    // its own trap for the instruction stepped here.
+    const TF: u64 = 0x100;
+    // A thread that blocks SIGTRAP would be killed by that trap whatever the handler.
+    const SIGTRAP_BIT: u64 = 1 << (5 - 1);
+    let trap_blocked = || t.sigmask().map_or(true, |m| m & SIGTRAP_BIT != 0);
+    let step = s.trap_handler
+        && b.frame == Some(0)
+        && b.pc == Some(regs.rip)
+        && regs.eflags & TF == 0
+        && steps < MAX_STEPS
+        && relive_proc::read_memory(pid, regs.rip, &mut ins).is_ok()
+        && relive_x86::single_step_safe(&ins)
+        && !trap_blocked();
+    if !step {
+        blockers.push(b);
+    }
+    Ok(step)
 }
 
 /// The decision for one stopped thread whose TLS block is at `fs_base` (DESIGN §4.5): adopt what its slot
 /// says, and if it is pending, take its stack (`stack_of`, called only then) and try to switch it. Also used
 /// inside the stop-all window that installs the entries, with the stacks that window already unwound.
+/// Returns what blocks the thread, if it stays pending.
 pub fn settle(
     s: &mut Session,
     tid: i32,
     fs_base: u64,
     stack_of: impl FnOnce(&mut Session) -> relive_unwind::Stack,
     stats: &mut SwitchStats,
-    blockers: &mut Vec<Blocker>,
-) -> Result<(), Fail> {
+) -> Result<Option<Blocker>, Fail> {
     let pid = s.pid;
     s.fs_base.insert(tid, fs_base);
     // The slot is the truth (DESIGN §4.8): a controller killed after writing a slot but before saving the
@@ -202,14 +245,10 @@ pub fn settle(
                     .map_err(|e| proc_err(pid, &format!("cannot write thread {tid}'s state"), e))?;
                 stats.switched += 1;
             }
-            other => {
-                if let Some(b) = describe(s, other, tid) {
-                    blockers.push(b);
-                }
-            }
+            other => return Ok(describe(s, other, tid)),
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The threads to visit this round: the pending ones and those the model does not know yet (`all` = every
