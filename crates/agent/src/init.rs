@@ -95,6 +95,11 @@ fn start(flags_extra: u32) {
                 h.flags |= layout::FLAG_READY;
                 crate::registry::set_header(&h);
             }
+            // The membarrier registration of stop-free writes waits for every CPU; do it now, off the
+            // constructor, rather than inside the first entry write.
+            if crate::int3::ACTIVE.load(Ordering::Acquire) {
+                let _ = crate::stopfree::prepare();
+            }
             service::serve(c)
         });
     if let Err(e) = spawned {

@@ -24,6 +24,12 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// Registers SYNC_CORE membarrier ahead of the first stop-free write (the service thread calls this when it
+/// starts, if the SIGTRAP handler is active).
+pub fn prepare() -> Result<(), String> {
+    ensure_membarrier()
+}
+
 /// Registers SYNC_CORE membarrier once (per mm, permanent).
 fn ensure_membarrier() -> Result<(), String> {
     let mut st = MEMBARRIER.load(Ordering::Relaxed);

@@ -584,18 +584,22 @@ fn abandon_step(mut t: StoppedThread) {
 /// Stops the threads `tids` of `pid` together and hands each one to `each` as soon as it stops, so that a
 /// thread's pause is its own handling only, not the wait for the others (issue 5: interrupt every pending
 /// thread at once, switch each one as it stops). `each` resumes the thread (or drops it, which detaches), or
-/// asks for one single step ([`Then::Step`]) after which the thread is handed back to it. A signal that
+/// asks for one single step ([`Then::Step`]) after which the thread is handed back to it. `each` also gets
+/// how long the thread took to stop once asked (to stop, or to finish its step): on oversubscribed CPUs that
+/// is a scheduling delay, the price of stopping it again later. A signal that
 /// arrives during a step ends the stepping: the thread is resumed with that signal and not handed back.
 /// Returns the threads that exited meanwhile. Only these threads stop; the rest of the process runs on.
 /// (Added by the transition driver; waits with `waitpid(-1, __WALL)`, ignoring other children's events.)
 pub fn stop_each(
     pid: i32,
     tids: &[i32],
-    mut each: impl FnMut(StoppedThread) -> Result<Then>,
+    mut each: impl FnMut(StoppedThread, std::time::Duration) -> Result<Then>,
 ) -> Result<Vec<i32>> {
     let mut gone = Vec::new();
     let mut waiting: Vec<i32> = Vec::new();
     let mut stepping: Vec<StoppedThread> = Vec::new();
+    // When each thread was asked to stop: how long it took tells the callback how busy the CPUs are.
+    let mut asked: std::collections::HashMap<i32, std::time::Instant> = std::collections::HashMap::new();
     let release = |waiting: &[i32], stepping: &mut Vec<StoppedThread>| {
         for &t in waiting {
             if wait_for_interrupt(pid, t).is_ok() {
@@ -624,6 +628,7 @@ pub fn stop_each(
             }
         }
         waiting.push(tid);
+        asked.insert(tid, std::time::Instant::now());
         if let Err(e) = interrupt(pid, tid)
             && !e.is_target_died()
         {
@@ -633,13 +638,17 @@ pub fn stop_each(
     }
     // Hands a stopped thread to `each` and starts its step if it asks for one.
     let mut hand = |t: StoppedThread, stepping: &mut Vec<StoppedThread>| -> Result<()> {
-        match each(t)? {
+        let waited = asked
+            .get(&t.tid)
+            .map_or(std::time::Duration::ZERO, |a| a.elapsed());
+        match each(t, waited)? {
             Then::Done => Ok(()),
             Then::Step(mut t) => {
                 if ptrace(libc::PTRACE_SINGLESTEP, t.tid, 0, 0) != 0 {
                     return Err(ProcError::last_os(pid, Some(t.tid), "PTRACE_SINGLESTEP"));
                 }
                 t.stopped = false;
+                asked.insert(t.tid, std::time::Instant::now());
                 stepping.push(t);
                 Ok(())
             }

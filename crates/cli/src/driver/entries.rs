@@ -593,7 +593,7 @@ fn retire_stubs_where(
     let mut busy: Vec<u64> = vec![];
     let unwinder = &mut s.unwinder;
     let max_depth = s.max_depth;
-    relive_proc::ptrace::stop_each(pid, &tids, |t| {
+    relive_proc::ptrace::stop_each(pid, &tids, |t, _| {
         if let Ok(regs) = t.regs() {
             reader.clear();
             let stack = unwinder.unwind(

@@ -71,10 +71,21 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
     // Per thread: when its handling began and how many single steps it took (a thread stepped out of a
     // patched function is handed back after each step; its pause runs from the first handling to the end).
     let mut began: HashMap<i32, (Instant, u32)> = HashMap::new();
-    let gone = relive_proc::ptrace::stop_each(pid, tids, |t| {
+    let gone = relive_proc::ptrace::stop_each(pid, tids, |t, waited| {
         let tid = t.tid();
         let (t0, steps) = *began.entry(tid).or_insert((Instant::now(), 0));
-        let r = handle(s, &t, &mut reader, stats, &mut blockers, steps);
+        // Stepping pays off when stopping the thread again later would cost more: when it took long to
+        // stop (its CPU is oversubscribed). On a free CPU it is stopped again in a moment, in the next
+        // round, and its pause stays its own handling.
+        let may_step = steps > 0 || waited >= STEP_WHEN_STOP_TOOK;
+        let r = handle(
+            s,
+            &t,
+            &mut reader,
+            stats,
+            &mut blockers,
+            if may_step { steps } else { MAX_STEPS },
+        );
         let step = matches!(r, Ok(true));
         if step {
             began.insert(tid, (t0, steps + 1));
@@ -117,6 +128,10 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
 /// Most instructions a thread is single-stepped to leave the patched function it is executing (each step is
 /// a ptrace round trip of some 10–30 µs here, and the thread is stopped meanwhile).
 const MAX_STEPS: u32 = 16;
+
+/// A thread found executing a patched function is stepped out of it only if it took at least this long to
+/// stop (see `round`).
+const STEP_WHEN_STOP_TOOK: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Handles one stopped thread: adopt what its slot says, and if it is pending, unwind it and try to switch it.
 /// Returns true when the thread should be single-stepped and handed back: it is blocked only because its
