@@ -152,6 +152,14 @@ fn serial_t_d4_6_inject_rust_target() {
         v["injected"].is_object(),
         "the agent was injected, not preloaded: {v}"
     );
+    // An injected agent cannot interpose sigaction/sigprocmask: no SIGTRAP handler, entries written under a
+    // stop-all.
+    let st = relive()
+        .args(["--json", "status", &pid.to_string()])
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(s["agent"]["stop_free_writes"], false, "{s}");
     assert_eq!(v["patch"], "librust_hello_patch.so");
     // 99 more remote dlopens in a row (the library is loaded; each is a full hijack and restore).
     let opts = relive_proc::remote::InjectOptions::default();
@@ -392,6 +400,8 @@ fn t_d4_7_cli_load_call_unload() {
     let s: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(s["agent"]["ready"], true);
     assert_eq!(s["agent"]["preloaded"], true);
+    // A preloaded agent interposes the signal functions and holds SIGTRAP: stop-free entry writes.
+    assert_eq!(s["agent"]["stop_free_writes"], true);
     assert_eq!(
         s["agent"]["controller_lock"],
         serde_json::Value::Null,

@@ -2,7 +2,7 @@
 //! the agent, without stopping anything (DESIGN §4.8: process_vm_readv under the seqlock).
 
 use crate::output::{CmdResult, Ctx};
-use relive_abi::registry::{FLAG_PRELOADED, FLAG_READY};
+use relive_abi::registry::{FLAG_PRELOADED, FLAG_READY, FLAG_TRAP_HANDLER};
 use relive_proc::agent::{self, AgentError, AgentLocation};
 use serde::Serialize;
 
@@ -27,6 +27,9 @@ pub struct AgentStatus {
     pub agent_pid: u32,
     pub ready: bool,
     pub preloaded: bool,
+    /// The agent's SIGTRAP handler is installed: entries whose first instruction is replaced whole are
+    /// written without stopping the process (the int3 protocol; docs/FAQ.md).
+    pub stop_free_writes: bool,
     pub service_tid: u32,
     pub tpoff: i64,
     pub tls_image_addr: String,
@@ -112,6 +115,7 @@ pub fn status_of(loc: &AgentLocation) -> Result<AgentStatus, AgentError> {
         agent_pid: h.agent_pid,
         ready: h.flags & FLAG_READY != 0,
         preloaded: h.flags & FLAG_PRELOADED != 0,
+        stop_free_writes: h.flags & FLAG_TRAP_HANDLER != 0,
         service_tid: h.service_tid,
         tpoff: h.tpoff,
         tls_image_addr: format!("{:#x}", h.tls_image_addr),
@@ -136,6 +140,14 @@ fn render(s: &AgentStatus) -> String {
         if s.preloaded { ", preloaded" } else { ", injected" }
     );
     out += &format!("  library        {}\n", s.agent_path);
+    out += &format!(
+        "  entry writes   {}\n",
+        if s.stop_free_writes {
+            "stop-free where the first instruction is replaced whole (int3 protocol), else one stop-all"
+        } else {
+            "under one stop of every thread (the agent was not preloaded: no SIGTRAP handler)"
+        }
+    );
     out += &format!("  service thread {}\n", s.service_tid);
     out += &format!(
         "  TLS slot       fs:[{}] (init image at {})\n",
