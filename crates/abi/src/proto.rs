@@ -50,7 +50,7 @@
 //! | 14 | List | – | Libraries { count u32, then per library: handle u64, base u64, label str } (label: the path, or the memfd's name) |
 //! | 15 | SetStates | count u32, then per state: patch str, id u64, version u32; prev_count u32, then per id: patch str, id u64 | Done (SPEC §8: the table `relive_state_get`/`relive_state_get_prev` answer from) |
 //! | 16 | StopFreeStatus | – | StopFree { ready u32 (0/1), reason str } (reason empty when ready; PAUSE-FREE.md §2) |
-//! | 17 | PokeText | count u32 (at most [`MAX_POKE_SITES`]), then per site: addr u64, bytes bytes, expect bytes, dest u64 | Poked { sites_written u32, hits u64, window_ns u64, int3_ns u64 } (the int3 protocol over every site, done by the agent) |
+//! | 17 | PokeText | count u32 (at most [`MAX_POKE_SITES`]), then per site: addr u64, bytes bytes, expect bytes, dest u64; then vouched count u32 (at most [`MAX_VOUCHED`]) and a tid u32 each | Poked { sites_written u32, hits u64, window_ns u64, int3_ns u64 } (the int3 protocol over every site, done by the agent) |
 //!
 //! Any request may answer `Error { errno i32, message str }`.
 //!
@@ -132,11 +132,16 @@ pub enum Request {
     /// Write every site with the int3 protocol, batched (`relive_x86::int3_batch` order).
     PokeText {
         sites: Vec<PokeSite>,
+        /// Threads whose signal mask the controller has just read (ptrace, while they were stopped for
+        /// switching) without SIGTRAP in it: the agent does not read theirs again before the write.
+        vouched: Vec<i32>,
     },
 }
 
 /// Most sites one `PokeText` carries.
 pub const MAX_POKE_SITES: usize = 256;
+/// Most vouched threads one `PokeText` carries (the agent reads the others' masks itself).
+pub const MAX_VOUCHED: usize = 8192;
 
 /// One entry write of `PokeText`: `expect` is what `addr` holds now, `bytes` what it will hold (same
 /// length, one instruction each), `dest` where the agent's SIGTRAP handler sends a thread that traps on
@@ -437,11 +442,15 @@ impl Request {
         let mut w = W::new(self.kind(), seq);
         match self {
             Request::Ping | Request::List | Request::StopFreeStatus => {}
-            Request::PokeText { sites } => {
+            Request::PokeText { sites, vouched } => {
                 // Not truncated: more than MAX_POKE_SITES is rejected by the decoder, never half-sent.
                 w.u32(sites.len() as u32);
                 for s in sites {
                     w.u64(s.addr).bytes(&s.bytes).bytes(&s.expect).u64(s.dest);
+                }
+                w.u32(vouched.len() as u32);
+                for t in vouched {
+                    w.u32(*t as u32);
                 }
             }
             Request::LoadPath { path } => {
@@ -587,7 +596,15 @@ impl Request {
                         dest: r.u64("dest")?,
                     });
                 }
-                Request::PokeText { sites }
+                let n = r.u32("vouched")? as usize;
+                if n > MAX_VOUCHED {
+                    return Err(ProtoError::TooLong { len: n });
+                }
+                let mut vouched = Vec::with_capacity(n);
+                for _ in 0..n {
+                    vouched.push(r.u32("tid")? as i32);
+                }
+                Request::PokeText { sites, vouched }
             }
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
@@ -781,7 +798,10 @@ mod tests {
             Request::Unlock { owner: 10 },
             Request::List,
             Request::StopFreeStatus,
-            Request::PokeText { sites: vec![] },
+            Request::PokeText {
+                sites: vec![],
+                vouched: vec![],
+            },
             Request::PokeText {
                 sites: vec![
                     PokeSite {
@@ -797,6 +817,7 @@ mod tests {
                         dest: 0x5555_0000_1042,
                     },
                 ],
+                vouched: vec![101, 102, 4_000_000],
             },
             Request::SetStates {
                 table: StateTable {
@@ -914,15 +935,26 @@ mod tests {
         };
         let ok = Request::PokeText {
             sites: vec![site.clone(); MAX_POKE_SITES],
+            vouched: (0..MAX_VOUCHED as i32).collect(),
         };
         roundtrip_req(&ok);
         let over = Request::PokeText {
-            sites: vec![site; MAX_POKE_SITES + 1],
+            sites: vec![site.clone(); MAX_POKE_SITES + 1],
+            vouched: vec![],
         }
         .encode(1);
         assert!(matches!(
             Request::decode(17, &over[FRAME_HEADER..]),
             Err(ProtoError::TooLong { len }) if len == MAX_POKE_SITES + 1
+        ));
+        let over = Request::PokeText {
+            sites: vec![site],
+            vouched: vec![7; MAX_VOUCHED + 1],
+        }
+        .encode(1);
+        assert!(matches!(
+            Request::decode(17, &over[FRAME_HEADER..]),
+            Err(ProtoError::TooLong { len }) if len == MAX_VOUCHED + 1
         ));
         let mut bad = Response::StopFree {
             ready: true,

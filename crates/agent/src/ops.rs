@@ -249,7 +249,7 @@ fn dispatch(st: &mut State, req: Request) -> Response {
             },
             Err(reason) => Response::StopFree { ready: false, reason },
         },
-        Request::PokeText { sites } => crate::stopfree::poke(&sites),
+        Request::PokeText { sites, vouched } => crate::stopfree::poke(&sites, &vouched),
         Request::Unlock { owner } => {
             let Some(mut h) = crate::registry::header() else {
                 return err(libc::EIO, "registry not initialised".into());

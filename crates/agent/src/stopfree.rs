@@ -190,7 +190,8 @@ fn tracer_pid() -> i32 {
 /// that blocks SIGTRAP is read again for up to about 2 ms: glibc blocks every signal for a few instructions
 /// by raw syscall (pthread_kill, pthread_create, posix_spawn) without running application code meanwhile,
 /// and only a thread that keeps SIGTRAP blocked is reported as blocking it.
-fn threads() -> Result<Vec<(i32, u64)>, String> {
+fn threads(vouched: &[i32]) -> Result<Vec<(i32, u64)>, String> {
+    let vouched: std::collections::HashSet<i32> = vouched.iter().copied().collect();
     let task =
         std::fs::File::open("/proc/self/task").map_err(|e| format!("cannot open /proc/self/task: {e}"))?;
     let rd = std::fs::read_dir("/proc/self/task").map_err(|e| format!("cannot list /proc/self/task: {e}"))?;
@@ -202,6 +203,9 @@ fn threads() -> Result<Vec<(i32, u64)>, String> {
         let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
+        if vouched.contains(&tid) {
+            continue;
+        }
         // A thread that exits meanwhile is no concern.
         let Some(mut blk) = thread_blocked(&task, tid, &mut buf) else {
             continue;
@@ -220,6 +224,12 @@ fn threads() -> Result<Vec<(i32, u64)>, String> {
 
 /// Whether a stop-free write is possible now; the reason names what prevents it.
 pub fn status() -> Result<(), String> {
+    status_with(&[])
+}
+
+/// [`status`], not reading the masks of the `vouched` threads: the controller read them just now through
+/// ptrace, without SIGTRAP in them.
+fn status_with(vouched: &[i32]) -> Result<(), String> {
     let pid = std::process::id();
     if !int3::ACTIVE.load(Ordering::Acquire) {
         return Err(match int3::NOT_INSTALLED.load(Ordering::Relaxed) {
@@ -261,7 +271,7 @@ pub fn status() -> Result<(), String> {
             "pid {pid} is traced by pid {tracer} (a debugger would receive the int3 traps)"
         ));
     }
-    for (tid, blk) in threads()? {
+    for (tid, blk) in threads(vouched)? {
         if tid != me && blk & int3::sigbit(libc::SIGTRAP) != 0 {
             return Err(format!(
                 "thread {tid} of pid {pid} blocks SIGTRAP (SigBlk {blk:016x}): an int3 would kill the process"
@@ -276,7 +286,7 @@ fn refuse(errno: i32, message: String) -> Response {
 }
 
 /// `PokeText`: validates every site, then the batched int3 protocol over those still to write.
-pub fn poke(sites: &[PokeSite]) -> Response {
+pub fn poke(sites: &[PokeSite], vouched: &[i32]) -> Response {
     let start = Instant::now();
     let hits0 = int3::HITS.load(Ordering::Relaxed);
     let pid = std::process::id();
@@ -355,7 +365,7 @@ pub fn poke(sites: &[PokeSite]) -> Response {
         todo.push(s);
     }
     // 3. Readiness, again: threads may have changed their masks since StopFreeStatus.
-    if let Err(reason) = status() {
+    if let Err(reason) = status_with(vouched) {
         return refuse(
             libc::EAGAIN,
             format!("stop-free write refused, nothing was written: {reason}"),

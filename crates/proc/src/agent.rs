@@ -732,6 +732,13 @@ impl AgentConn {
     /// Writes every site with the int3 protocol (PAUSE-FREE.md §2), done entirely by the agent's service
     /// thread: all or nothing before the first write; a refusal names the site and what it holds.
     pub fn poke_text(&mut self, sites: &[proto::PokeSite]) -> Result<PokeReport> {
+        self.poke_text_vouched(sites, &[])
+    }
+
+    /// [`AgentConn::poke_text`], telling the agent which threads' signal masks the caller has just read
+    /// without SIGTRAP (through ptrace, while they were stopped): the agent reads only the others' before
+    /// the write. At most [`proto::MAX_VOUCHED`] are sent; the agent reads the rest itself.
+    pub fn poke_text_vouched(&mut self, sites: &[proto::PokeSite], vouched: &[i32]) -> Result<PokeReport> {
         if sites.len() > proto::MAX_POKE_SITES {
             return Err(AgentError::Refused {
                 pid: self.pid,
@@ -746,6 +753,7 @@ impl AgentConn {
         }
         match self.call(&Request::PokeText {
             sites: sites.to_vec(),
+            vouched: vouched[..vouched.len().min(proto::MAX_VOUCHED)].to_vec(),
         })? {
             Response::Poked {
                 sites_written,

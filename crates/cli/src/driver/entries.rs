@@ -522,6 +522,11 @@ fn stop_free_sites(s: &Session, b: &Batch) -> Option<Vec<relive_abi::proto::Poke
     Some(sites)
 }
 
+/// How recent a signal mask the switching loop read must be to be vouched for: the agent's own reading
+/// of every mask takes about as long with a few thousand threads, so the guarantee is of the same kind
+/// (a thread that keeps SIGTRAP blocked is caught; one that blocks it just now, by a raw system call, is not).
+const VOUCH_FOR: Duration = Duration::from_millis(100);
+
 /// Writes the batch without stopping any thread: the stub code first (fresh slots no thread can be in), then
 /// every entry through the agent's int3 protocol (int3, sync, tail, sync, head, sync; the agent does it in
 /// its service thread, so a controller killed meanwhile leaves a finished write). Refused by the agent (a
@@ -538,7 +543,18 @@ fn write_stop_free(
         relive_proc::write_code(pid, *at, code)
             .map_err(|e| format!("cannot write a stub at {at:#x}: {e}"))?;
     }
-    let r = s.conn.poke_text(sites).map_err(|e| e.to_string())?;
+    // Threads whose masks the switching loop has just read (a completion right after the last round): the
+    // agent reads only the others' from /proc, about 10 µs a thread.
+    let vouched: Vec<i32> = s
+        .masks_seen
+        .iter()
+        .filter(|(_, at)| at.elapsed() < VOUCH_FOR)
+        .map(|(tid, _)| *tid)
+        .collect();
+    let r = s
+        .conn
+        .poke_text_vouched(sites, &vouched)
+        .map_err(|e| e.to_string())?;
     for (f, c) in &b.currents {
         if let Some(e) = s.doc.entry_mut(f) {
             e.current = *c;

@@ -33,6 +33,9 @@ pub struct Session {
     /// The agent's SIGTRAP handler is installed (`FLAG_TRAP_HANDLER`): it drops a stray single-step trap, so
     /// the switching loop may single-step threads (a killed controller could leave EFLAGS.TF set).
     pub trap_handler: bool,
+    /// Threads whose signal mask the switching loop read (while they were stopped) without SIGTRAP, and
+    /// when: vouched for to the agent at a stop-free entry write soon after (`entries::write_stop_free`).
+    pub masks_seen: HashMap<i32, std::time::Instant>,
     locked: bool,
 }
 
@@ -114,6 +117,7 @@ impl Session {
             image_opts,
             settled_all: false,
             injected,
+            masks_seen: HashMap::new(),
             trap_handler: snap.header.flags & relive_abi::registry::FLAG_TRAP_HANDLER != 0,
             locked: true,
         };

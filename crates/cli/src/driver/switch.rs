@@ -152,6 +152,18 @@ fn handle(
     let regs = t
         .regs()
         .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
+    // Its signal mask, while it is stopped: a thread seen without SIGTRAP blocked is vouched for to the
+    // agent at the next stop-free entry write (which then need not read its mask from /proc).
+    const SIGTRAP_BIT: u64 = 1 << (5 - 1);
+    let mask = t.sigmask().ok();
+    match mask {
+        Some(m) if m & SIGTRAP_BIT == 0 => {
+            s.masks_seen.insert(tid, Instant::now());
+        }
+        _ => {
+            s.masks_seen.remove(&tid);
+        }
+    }
     let blocked = settle(
         s,
         tid,
@@ -178,8 +190,7 @@ fn handle(
     // its own trap for the instruction stepped here.
     const TF: u64 = 0x100;
     // A thread that blocks SIGTRAP would be killed by that trap whatever the handler.
-    const SIGTRAP_BIT: u64 = 1 << (5 - 1);
-    let trap_blocked = || t.sigmask().map_or(true, |m| m & SIGTRAP_BIT != 0);
+    let trap_blocked = || mask.is_none_or(|m| m & SIGTRAP_BIT != 0);
     let step = s.trap_handler
         && b.frame == Some(0)
         && b.pc == Some(regs.rip)
