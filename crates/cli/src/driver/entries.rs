@@ -577,14 +577,15 @@ fn write_stop_free(
 /// own ([`relive_proc::ptrace::stop_each`]), with no stop of the whole process. Pages that cannot be retired
 /// now stay mapped and registered.
 pub fn retire_stubs(s: &mut Session) -> Result<(), Fail> {
-    retire_stubs_where(s, |_, _| Ok(true))
+    retire_stubs_where(s, |_, _| Ok(true)).map(|_| ())
 }
 
 /// After an unpatching transition completed: retires the idle stub pages whose fresh slots are at least half
 /// used, so that the next transitions of these functions find fresh slots again (and write their entries
 /// without a stop) instead of falling back to the alternating slots under a stop-all. Costs one stop of each
 /// thread in turn, once every dozen or so apply/disable cycles of a function.
-pub fn retire_used_stubs(s: &mut Session) -> Result<(), Fail> {
+/// Returns whether it retired any (the document changed).
+pub fn retire_used_stubs(s: &mut Session) -> Result<bool, Fail> {
     retire_stubs_where(s, |s, rec| {
         Ok(rec.fresh && fresh_slot(s, rec, (STUB_PAGE - FRESH_OFF) / 2)?.is_none())
     })
@@ -593,7 +594,7 @@ pub fn retire_used_stubs(s: &mut Session) -> Result<(), Fail> {
 fn retire_stubs_where(
     s: &mut Session,
     mut wanted: impl FnMut(&Session, &EntryRec) -> Result<bool, Fail>,
-) -> Result<(), Fail> {
+) -> Result<bool, Fail> {
     let mut idle: Vec<EntryRec> = vec![];
     for e in &s.doc.entries {
         if e.current == 0 && s.doc.model.entries().get(&e.func).is_none() && wanted(s, e)? {
@@ -601,7 +602,7 @@ fn retire_stubs_where(
         }
     }
     if idle.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let pid = s.pid;
     let tids = relive_proc::list_threads(pid).map_err(|e| proc_err(pid, "cannot list threads", e))?;
@@ -656,5 +657,5 @@ fn retire_stubs_where(
         s.doc.model.unregister_stubs(&e.func);
         s.doc.entries.retain(|x| x.stub != e.stub);
     }
-    Ok(())
+    Ok(true)
 }

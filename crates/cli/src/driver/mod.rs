@@ -396,8 +396,9 @@ fn finish_transition(
         // half used are retired now (each thread checked in turn, no stop-all), and `relive transition` on
         // an idle target retires every unused one.
         s.save()?;
-        entries::retire_used_stubs(s)?;
-        s.save()?;
+        if entries::retire_used_stubs(s)? {
+            s.save()?;
+        }
         log.extend(r2.log);
         windows.extend(r2.windows);
         Ok(())
