@@ -64,6 +64,17 @@ fn main() {
     let cli = Cli::parse();
     output::init_logging(cli.verbose);
     let ctx = output::Ctx { json: cli.json };
+    // Commands that drive a transition stop and resume target threads one by one: on CPUs full of target
+    // threads they would wait for a CPU at every step. They run at the lowest real-time priority when
+    // permitted (relive_proc::sched); RELIVE_SCHED=normal keeps the normal policy.
+    if matches!(
+        cli.command,
+        Command::Apply(_) | Command::Disable(_) | Command::Transition(_) | Command::Force(_)
+    ) && std::env::var("RELIVE_SCHED").map_or(true, |v| v != "normal")
+    {
+        let raised = relive_proc::sched::raise_to_realtime();
+        tracing::debug!("real-time priority for this command: {raised}");
+    }
     let result = match cli.command {
         Command::Stacks(args) => cmd::stacks::run(&ctx, args),
         Command::Inspect(args) => cmd::inspect::run(&ctx, args),

@@ -14,6 +14,7 @@ pub mod image;
 pub mod mapped;
 pub mod mem;
 pub mod ptrace;
+pub mod sched;
 pub mod snapshot;
 pub mod stacks;
 pub mod threads;
