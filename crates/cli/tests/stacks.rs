@@ -79,7 +79,15 @@ fn wait_blocked(pid: i32, names: &[&str]) -> std::collections::HashMap<String, i
             }
             map.insert(info.name, tid);
         }
-        if all && names.iter().all(|n| map.contains_key(*n)) {
+        // The main thread too: it prints the readiness line and then blocks (joins, sleeps); a snapshot
+        // taken while it still returns from that write differs from gdb's a moment later.
+        let main_settled = thread_info(pid, pid).is_ok_and(|i| i.state == 'S')
+            && std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| {
+                s.split_whitespace()
+                    .next()
+                    .is_some_and(|nr| nr != "1" && nr != "running")
+            });
+        if all && main_settled && names.iter().all(|n| map.contains_key(*n)) {
             return map;
         }
         assert!(
