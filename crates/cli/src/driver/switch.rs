@@ -68,27 +68,30 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
     let pid = s.pid;
     let mut blockers = vec![];
     let mut reader = PageCacheReader::new(pid);
-    // Per thread: when its handling began and how many single steps it took (a thread stepped out of a
-    // patched function is handed back after each step; its pause runs from the first handling to the end).
-    let mut began: HashMap<i32, (Instant, u32)> = HashMap::new();
+    // Per thread: when its handling began, how many single steps it took (a thread stepped out of a
+    // patched function is handed back after each step; its pause runs from the first handling to the end)
+    // and how many it may take.
+    let mut began: HashMap<i32, (Instant, u32, u32)> = HashMap::new();
+    let retry_round = stats.rounds > 0;
     let gone = relive_proc::ptrace::stop_each(pid, tids, |t, waited| {
         let tid = t.tid();
-        let (t0, steps) = *began.entry(tid).or_insert((Instant::now(), 0));
         // Stepping pays off when stopping the thread again later would cost more: when it took long to
-        // stop (its CPU is oversubscribed). On a free CPU it is stopped again in a moment, in the next
-        // round, and its pause stays its own handling.
-        let may_step = steps > 0 || waited >= STEP_WHEN_STOP_TOOK;
-        let r = handle(
-            s,
-            &t,
-            &mut reader,
-            stats,
-            &mut blockers,
-            if may_step { steps } else { MAX_STEPS },
-        );
+        // stop (its CPU is oversubscribed: a later stop costs a scheduling rotation), or when it was found
+        // in a patched function before (a thread calling a short function in a loop is found there round
+        // after round, each retry later than the last). A thread on a free CPU found there for the first
+        // time is simply tried again in the next round, a moment later.
+        let budget = if waited >= STEP_WHEN_STOP_TOOK {
+            MAX_STEPS
+        } else if retry_round {
+            MAX_STEPS_FREE_CPU
+        } else {
+            0
+        };
+        let (t0, steps, budget) = *began.entry(tid).or_insert((Instant::now(), 0, budget));
+        let r = handle(s, &t, &mut reader, stats, &mut blockers, steps < budget);
         let step = matches!(r, Ok(true));
         if step {
-            began.insert(tid, (t0, steps + 1));
+            began.insert(tid, (t0, steps + 1, budget));
             stats.steps += 1;
             return Ok(relive_proc::ptrace::Then::Step(t));
         }
@@ -129,6 +132,10 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
 /// a ptrace round trip of some 10–30 µs here, and the thread is stopped meanwhile).
 const MAX_STEPS: u32 = 16;
 
+/// Most single steps for a thread on a free CPU (each some 20–40 µs there): enough to leave a short leaf
+/// and its stub, short enough to keep that thread's pause well under half a millisecond.
+const MAX_STEPS_FREE_CPU: u32 = 4;
+
 /// A thread found executing a patched function is stepped out of it only if it took at least this long to
 /// stop (see `round`).
 const STEP_WHEN_STOP_TOOK: std::time::Duration = std::time::Duration::from_millis(1);
@@ -145,7 +152,7 @@ fn handle(
     reader: &mut PageCacheReader,
     stats: &mut SwitchStats,
     blockers: &mut Vec<Blocker>,
-    steps: u32,
+    may_step: bool,
 ) -> Result<bool, Fail> {
     let pid = s.pid;
     let tid = t.tid();
@@ -195,7 +202,7 @@ fn handle(
         && b.frame == Some(0)
         && b.pc == Some(regs.rip)
         && regs.eflags & TF == 0
-        && steps < MAX_STEPS
+        && may_step
         && relive_proc::read_memory(pid, regs.rip, &mut ins).is_ok()
         && relive_x86::single_step_safe(&ins)
         && !trap_blocked();
