@@ -25,7 +25,7 @@ pub use mem::{
     PageCacheReader, read_memory, read_memory_partial, read_u64, write_code, write_code_via, write_data,
 };
 pub use ptrace::{Regs, StopKind, StoppedProcess, StoppedThread, stop_all, stop_thread};
-pub use stacks::{ThreadStack, thread_stack, unwind_stopped};
+pub use stacks::{ThreadStack, thread_stack, unwind_regs, unwind_stopped};
 pub use threads::{ThreadInfo, list_threads, parse_stat, thread_info};
 pub mod agent;
 pub mod remote;

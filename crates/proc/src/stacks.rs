@@ -14,20 +14,31 @@ pub struct ThreadStack {
     pub stack: Stack,
 }
 
-/// Unwinds a thread that is already stopped (the caller decides and resumes: DESIGN §4.5's
-/// stop → unwind → decide → write state → resume).
-pub fn unwind_stopped(t: &StoppedThread, unwinder: &mut Unwinder, max_depth: usize) -> Result<(Regs, Stack)> {
-    let regs = t.regs()?;
-    let mut reader = PageCacheReader::new(t.pid());
-    let stack = unwinder.unwind(
+/// Unwinds a stopped thread from its registers `regs`, reading its stack through `reader` (emptied first:
+/// the thread may have run since the reader last read its pages).
+pub fn unwind_regs(
+    unwinder: &mut Unwinder,
+    regs: &Regs,
+    reader: &mut PageCacheReader,
+    max_depth: usize,
+) -> Stack {
+    reader.clear();
+    unwinder.unwind(
         StartRegs {
             ip: regs.rip,
             sp: regs.rsp,
             bp: regs.rbp,
         },
-        &mut reader,
+        reader,
         max_depth,
-    );
+    )
+}
+
+/// Unwinds a thread that is already stopped (the caller decides and resumes: DESIGN §4.5's
+/// stop → unwind → decide → write state → resume).
+pub fn unwind_stopped(t: &StoppedThread, unwinder: &mut Unwinder, max_depth: usize) -> Result<(Regs, Stack)> {
+    let regs = t.regs()?;
+    let stack = unwind_regs(unwinder, &regs, &mut PageCacheReader::new(t.pid()), max_depth);
     Ok((regs, stack))
 }
 
@@ -36,16 +47,7 @@ pub fn unwind_stopped(t: &StoppedThread, unwinder: &mut Unwinder, max_depth: usi
 pub fn thread_stack(pid: i32, tid: i32, unwinder: &mut Unwinder, max_depth: usize) -> Result<ThreadStack> {
     let t = stop_thread(pid, tid)?;
     let regs = t.regs()?;
-    let mut reader = PageCacheReader::new(pid);
-    let stack = unwinder.unwind(
-        StartRegs {
-            ip: regs.rip,
-            sp: regs.rsp,
-            bp: regs.rbp,
-        },
-        &mut reader,
-        max_depth,
-    );
+    let stack = unwind_regs(unwinder, &regs, &mut PageCacheReader::new(pid), max_depth);
     t.resume()?;
     Ok(ThreadStack { tid, regs, stack })
 }

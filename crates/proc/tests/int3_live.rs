@@ -120,15 +120,20 @@ fn median(v: &mut [u64]) -> u64 {
     v[v.len() / 2]
 }
 
+/// The write of f's NOP into `jmp f_new` (the handler sends a trapping thread to f_new).
+fn to_new(h: &Hammer) -> PokeSite {
+    PokeSite {
+        addr: h.f,
+        bytes: jmp(h.f, h.f_new),
+        expect: NOP5.to_vec(),
+        dest: h.f_new,
+    }
+}
+
 /// `n` cycles of f → `jmp f_new` (dest f_new) → the NOP back (dest f+5, what the NOP does).
 fn cycles(h: &mut Hammer, c: &mut AgentConn, n: usize) -> Vec<PokeReport> {
     let (f, f_new) = (h.f, h.f_new);
-    let to_new = PokeSite {
-        addr: f,
-        bytes: jmp(f, f_new),
-        expect: NOP5.to_vec(),
-        dest: f_new,
-    };
+    let to_new = to_new(h);
     let back = PokeSite {
         addr: f,
         bytes: NOP5.to_vec(),
@@ -275,12 +280,7 @@ fn t_int3_expect_mismatch_leaves_bytes_and_names_site() {
     // Also refused before any write: a batch where only the second site is wrong.
     let e = c
         .poke_text(&[
-            PokeSite {
-                addr: h.f,
-                bytes: jmp(h.f, h.f_new),
-                expect: NOP5.to_vec(),
-                dest: h.f_new,
-            },
+            to_new(&h),
             PokeSite {
                 addr: h.f_new,
                 bytes: vec![0x66, 0x90],
@@ -309,15 +309,7 @@ fn t_int3_raw_blocked_sigtrap_is_not_ready() {
         reason.contains(&format!("thread {tid} ")) && reason.contains("blocks SIGTRAP"),
         "{reason}"
     );
-    let e = c
-        .poke_text(&[PokeSite {
-            addr: h.f,
-            bytes: jmp(h.f, h.f_new),
-            expect: NOP5.to_vec(),
-            dest: h.f_new,
-        }])
-        .unwrap_err()
-        .to_string();
+    let e = c.poke_text(&[to_new(&h)]).unwrap_err().to_string();
     assert!(e.contains("blocks SIGTRAP"), "{e}");
     assert_eq!(read5(pid, h.f), NOP5);
 }
@@ -333,15 +325,7 @@ fn serial_t_int3_injected_agent_is_not_ready() {
     let mut c = AgentConn::open(e.location(), Duration::from_secs(10)).unwrap();
     let reason = c.stop_free_status().unwrap().unwrap_err();
     assert!(reason.contains("not preloaded"), "{reason}");
-    let err = c
-        .poke_text(&[PokeSite {
-            addr: h.f,
-            bytes: jmp(h.f, h.f_new),
-            expect: NOP5.to_vec(),
-            dest: h.f_new,
-        }])
-        .unwrap_err()
-        .to_string();
+    let err = c.poke_text(&[to_new(&h)]).unwrap_err().to_string();
     assert!(err.contains("not preloaded"), "{err}");
     assert_eq!(read5(pid, h.f), NOP5);
 }
@@ -359,14 +343,7 @@ fn serial_t_int3_fork_child_writes_its_own_memory() {
     let loc = agent::find_agent(child).unwrap();
     let mut cc = AgentConn::open(&loc, Duration::from_secs(10)).unwrap();
     assert_eq!(cc.stop_free_status().unwrap(), Ok(()));
-    let r = cc
-        .poke_text(&[PokeSite {
-            addr: h.f,
-            bytes: jmp(h.f, h.f_new),
-            expect: NOP5.to_vec(),
-            dest: h.f_new,
-        }])
-        .unwrap();
+    let r = cc.poke_text(&[to_new(&h)]).unwrap();
     assert_eq!(r.sites_written, 1);
     assert_eq!(read5(child, h.f).to_vec(), jmp(h.f, h.f_new));
     assert_eq!(read5(pid, h.f), NOP5, "the child's write landed in the parent");

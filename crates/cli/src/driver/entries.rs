@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use relive_core::{Code, EntryTarget, FuncId};
 use relive_proc::PageCacheReader;
-use relive_unwind::{FrameKind, StartRegs};
+use relive_unwind::FrameKind;
 use relive_x86::{
     Direction, Dispatch, EntryWrite, StateWidth, TlsSlot, encode_abs_jump, encode_dispatcher, rel32_reaches,
 };
@@ -366,16 +366,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
         for t in &stopped.threads {
             let regs = t.regs().map_err(|e| proc_err(pid, "cannot read registers", e))?;
             s.fs_base.insert(t.tid(), regs.fs_base);
-            reader.clear();
-            let stack = s.unwinder.unwind(
-                StartRegs {
-                    ip: regs.rip,
-                    sp: regs.rsp,
-                    bp: regs.rbp,
-                },
-                &mut reader,
-                s.max_depth,
-            );
+            let stack = relive_proc::unwind_regs(&mut s.unwinder, &regs, &mut reader, s.max_depth);
             let mut pcs: Vec<(u64, &FrameKind)> = stack.frames.iter().map(|f| (f.pc, &f.kind)).collect();
             let live = FrameKind::Live;
             pcs.push((regs.rip, &live));
@@ -612,16 +603,7 @@ fn retire_stubs_where(
     let max_depth = s.max_depth;
     relive_proc::ptrace::stop_each(pid, &tids, |t, _| {
         if let Ok(regs) = t.regs() {
-            reader.clear();
-            let stack = unwinder.unwind(
-                StartRegs {
-                    ip: regs.rip,
-                    sp: regs.rsp,
-                    bp: regs.rbp,
-                },
-                &mut reader,
-                max_depth,
-            );
+            let stack = relive_proc::unwind_regs(unwinder, &regs, &mut reader, max_depth);
             for e in &idle {
                 let r = e.stub..e.stub + STUB_PAGE;
                 let in_old_path = |pc: u64| (e.old_path..e.old_path + OLD_PATH_MAX).contains(&pc);

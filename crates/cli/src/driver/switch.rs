@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use relive_core::{PatchState, SwitchOutcome, ThreadStack, Tid};
 use relive_proc::PageCacheReader;
-use relive_unwind::{FrameKind, StartRegs};
+use relive_unwind::FrameKind;
 
 use super::progress::{Blocker, Progress};
 use super::session::{Session, proc_err};
@@ -175,18 +175,7 @@ fn handle(
         s,
         tid,
         regs.fs_base,
-        |s| {
-            reader.clear();
-            s.unwinder.unwind(
-                StartRegs {
-                    ip: regs.rip,
-                    sp: regs.rsp,
-                    bp: regs.rbp,
-                },
-                reader,
-                s.max_depth,
-            )
-        },
+        |s| relive_proc::unwind_regs(&mut s.unwinder, &regs, reader, s.max_depth),
         stats,
     )?;
     let Some(b) = blocked else {
