@@ -495,12 +495,8 @@ fn stop_free_sites(s: &Session, b: &Batch) -> Option<Vec<relive_abi::proto::Poke
         let plan = rec.plan.plan();
         let dest = match relive_x86::int3_emulation(w.addr, &w.bytes) {
             Some(d) => d,
-            None if w.addr == plan.site && w.bytes[..] == plan.original[..w.bytes.len()] => {
-                if w.bytes.len() != plan.original.len() {
-                    return None;
-                }
-                rec.old_path
-            }
+            // The entry's displaced instructions back whole: the old-path copy runs them relocated.
+            None if w.addr == plan.site && w.bytes == plan.original => rec.old_path,
             None => return None,
         };
         sites.push(relive_abi::proto::PokeSite {
