@@ -275,3 +275,35 @@ fn t_replay_of_a_captured_snapshot() {
     let replayed = back.replay(&mut offline);
     assert_eq!(replayed, live);
 }
+
+/// The switching loop's single steps (`stop_each` with `Then::Step`): each step runs one instruction and
+/// hands the same thread back, stopped; the step's own SIGTRAP is never delivered (this target has no agent
+/// and no SIGTRAP handler, so a delivered one would kill it), and the thread runs on afterwards.
+#[test]
+fn serial_t_stop_each_single_steps_and_hands_the_thread_back() {
+    use relive_proc::ptrace::{Then, stop_each};
+    let exe = compile_c("agent_spin", &["agent_spin.c"], FLAGS);
+    let mut t = spawn_target(&exe, &[], "ready");
+    let pid = t.pid();
+    let mut pcs = vec![];
+    let gone = stop_each(pid, &[pid], |th, waited| {
+        assert!(waited < Duration::from_secs(10));
+        pcs.push(th.regs()?.rip);
+        if pcs.len() <= 5 {
+            Ok(Then::Step(th))
+        } else {
+            th.resume()?;
+            Ok(Then::Done)
+        }
+    })
+    .unwrap();
+    assert!(gone.is_empty());
+    assert_eq!(pcs.len(), 6, "handed back after every step: {pcs:x?}");
+    assert!(
+        pcs.windows(2).all(|w| w[0] != w[1]),
+        "every step ran one instruction of the spin loop: {pcs:x?}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(t.child_mut().try_wait().unwrap().is_none(), "pid {pid} died after the steps");
+    wait_state(pid, &[pid], |s| s == 'R');
+}
