@@ -6,6 +6,7 @@
 //! ([`registry::LAYOUT_VERSION`], [`proto::PROTO_VERSION`]). Readers refuse versions they do not know.
 #![forbid(unsafe_code)]
 
+pub mod procfs;
 pub mod proto;
 pub mod registry;
 

@@ -164,15 +164,7 @@ fn thread_blocked(task: &std::fs::File, tid: i32, buf: &mut Vec<u8>) -> Option<u
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     buf.clear();
     f.read_to_end(buf).ok()?;
-    blocked_of_stat(buf)
-}
-
-/// Field 32 (`blocked`, decimal) of a `/proc/.../stat` line. The fields after the command name, which may
-/// hold spaces and parentheses, start at field 3.
-fn blocked_of_stat(stat: &[u8]) -> Option<u64> {
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    rest.split_ascii_whitespace().nth(32 - 3)?.parse().ok()
+    relive_abi::procfs::blocked_of_stat(buf)
 }
 
 /// The process's TracerPid (`/proc/self/status`): a debugger attaches to every thread (gdb, strace -p).
@@ -477,14 +469,4 @@ fn undo(fd: i32, todo: &[&PokeSite]) {
         let _ = write_at(fd, s.addr, &s.expect[..1]);
     }
     let _ = sync_cores();
-}
-
-#[cfg(test)]
-mod stat_tests {
-    #[test]
-    fn blocked_is_field_32_even_with_a_command_name_holding_parentheses() {
-        let line = b"4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 777 1000 10                      18446744073709551615 1 2 3 0 0 0 16 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
-        assert_eq!(super::blocked_of_stat(line), Some(16));
-        assert_eq!(super::blocked_of_stat(b"12 (x) S 1"), None);
-    }
 }

@@ -304,6 +304,9 @@ fn serial_t_stop_each_single_steps_and_hands_the_thread_back() {
         "every step ran one instruction of the spin loop: {pcs:x?}"
     );
     std::thread::sleep(Duration::from_millis(50));
-    assert!(t.child_mut().try_wait().unwrap().is_none(), "pid {pid} died after the steps");
+    assert!(
+        t.child_mut().try_wait().unwrap().is_none(),
+        "pid {pid} died after the steps"
+    );
     wait_state(pid, &[pid], |s| s == 'R');
 }

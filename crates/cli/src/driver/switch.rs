@@ -161,7 +161,7 @@ fn handle(
         .map_err(|e| proc_err(pid, &format!("cannot read the registers of thread {tid}"), e))?;
     // Its signal mask, while it is stopped: a thread seen without SIGTRAP blocked is vouched for to the
     // agent at the next stop-free entry write (which then need not read its mask from /proc).
-    const SIGTRAP_BIT: u64 = 1 << (5 - 1);
+    use relive_abi::procfs::SIGTRAP_BIT;
     let mask = t.sigmask().ok();
     match mask {
         Some(m) if m & SIGTRAP_BIT == 0 => {
