@@ -146,3 +146,34 @@ fn serial_t_issue5_stop_free_with_a_thread_in_sigsuspend_blocking_everything_els
     assert_eq!(num(&s, "mix"), 0, "{s:?}");
     assert!(t.alive());
 }
+
+/// docs/FAQ.md "Why does relive run at a real-time priority?": during a transition command the agent's
+/// service thread runs at SCHED_FIFO 1 (when relive may), and it is back at SCHED_OTHER once the command
+/// ends, whether it succeeded or was refused.
+#[test]
+fn serial_t_issue5_agent_service_thread_is_back_at_sched_other_after_a_command() {
+    let mut t = hotpatch_oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let st = ok(&["--json", "status", &pid]);
+    let tid = json(&st)["agent"]["service_tid"].as_u64().unwrap();
+    // Field 41 of stat: the scheduling policy (0 = SCHED_OTHER, 1 = SCHED_FIFO).
+    let policy = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+        let rest = &s[s.rfind(')').unwrap() + 1..];
+        rest.split_whitespace().nth(41 - 3).unwrap().to_string()
+    };
+    assert_eq!(policy(), "0");
+    let a = patch("hpsched", &["VERSION=2"]);
+    ok(&["apply", &pid, a.to_str().unwrap()]);
+    assert_eq!(policy(), "0", "after apply");
+    t.wait_workers(2);
+    // Refused (a second patch of the same functions, without stacking: SPEC K5): the session still ends
+    // cleanly.
+    let c = patch("hpsched_c", &["VERSION=3"]);
+    let o = relive(&["apply", &pid, c.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_eq!(policy(), "0", "after a refused apply");
+    ok(&["disable", &pid, "hpsched"]);
+    assert_eq!(policy(), "0", "after disable");
+    t.wait_workers(1);
+}

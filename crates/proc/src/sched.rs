@@ -11,3 +11,26 @@ pub fn raise_to_realtime() -> bool {
     // SAFETY: sched_setscheduler on this process (pid 0) with a valid sched_param.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) == 0 }
 }
+
+/// Moves thread `tid` (of any process: the agent's service thread of a target) to `SCHED_FIFO` priority 1,
+/// so that the controller's requests are served at once instead of after the target's busy threads.
+/// Returns false, changing nothing, when not permitted.
+pub fn boost_thread(tid: i32) -> bool {
+    let p = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on a thread id with a valid sched_param.
+    unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &p) == 0 }
+}
+
+/// Moves thread `tid` back to `SCHED_OTHER` (its nice value was never changed).
+pub fn unboost_thread(tid: i32) -> bool {
+    let p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on a thread id with a valid sched_param.
+    unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &p) == 0 }
+}
+
+/// Whether the calling process runs at a real-time policy (it raised itself, [`raise_to_realtime`]).
+pub fn is_realtime() -> bool {
+    // SAFETY: sched_getscheduler on this process has no preconditions.
+    let p = unsafe { libc::sched_getscheduler(0) };
+    p == libc::SCHED_FIFO || p == libc::SCHED_RR
+}

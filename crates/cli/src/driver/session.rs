@@ -36,6 +36,9 @@ pub struct Session {
     /// Threads whose signal mask the switching loop read (while they were stopped) without SIGTRAP, and
     /// when: vouched for to the agent at a stop-free entry write soon after (`entries::write_stop_free`).
     pub masks_seen: HashMap<i32, std::time::Instant>,
+    /// The agent's service thread, moved to SCHED_FIFO 1 for this session (back to SCHED_OTHER when the
+    /// session ends): on CPUs full of target threads it would otherwise serve each request late.
+    _boosted: Boost,
     locked: bool,
 }
 
@@ -81,6 +84,16 @@ impl Session {
         let t0 = std::time::Instant::now();
         let mut conn = AgentConn::open(&loc, Duration::from_secs(10)).map_err(|e| Fail::Error(anyhow!(e)))?;
         tracing::debug!(pid, "agent channel open in {:?}", t0.elapsed());
+        // The agent's service thread at SCHED_FIFO 1 for this session, from its first request on (only when
+        // relive itself runs at a real-time priority: permitted, not opted out); back to SCHED_OTHER when
+        // the session ends. A relive killed meanwhile leaves it there until the next command ends.
+        let service_tid = agent::read_registry(&loc).map_or(0, |r| r.header.service_tid as i32);
+        let boosted = Boost(
+            (relive_proc::sched::is_realtime()
+                && service_tid != 0
+                && relive_proc::sched::boost_thread(service_tid))
+            .then_some(service_tid),
+        );
         conn.lock().map_err(|e| Fail::Error(anyhow!(e)))?;
         tracing::debug!(pid, "controller lock taken after {:?}", t0.elapsed());
         let snap = agent::read_registry(&loc).map_err(|e| Fail::Error(anyhow!(e)))?;
@@ -118,6 +131,7 @@ impl Session {
             settled_all: false,
             injected,
             masks_seen: HashMap::new(),
+            _boosted: boosted,
             trap_handler: snap.header.flags & relive_abi::registry::FLAG_TRAP_HANDLER != 0,
             locked: true,
         };
@@ -275,6 +289,18 @@ impl Drop for Session {
     fn drop(&mut self) {
         if self.locked {
             let _ = self.conn.unlock();
+        }
+    }
+}
+
+/// A thread moved to SCHED_FIFO 1 for a session; moved back to SCHED_OTHER when dropped (the session ends,
+/// or fails to open).
+struct Boost(Option<i32>);
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        if let Some(tid) = self.0 {
+            relive_proc::sched::unboost_thread(tid);
         }
     }
 }
