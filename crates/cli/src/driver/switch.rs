@@ -72,18 +72,13 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
     // patched function is handed back after each step; its pause runs from the first handling to the end)
     // and how many it may take.
     let mut began: HashMap<i32, (Instant, u32, u32)> = HashMap::new();
-    let retry_round = stats.rounds > 0;
     let gone = relive_proc::ptrace::stop_each(pid, tids, |t, waited| {
         let tid = t.tid();
         // Stepping pays off when stopping the thread again later would cost more: when it took long to
-        // stop (its CPU is oversubscribed: a later stop costs a scheduling rotation), or when it was found
-        // in a patched function before (a thread calling a short function in a loop is found there round
-        // after round, each retry later than the last). A thread on a free CPU found there for the first
-        // time is simply tried again in the next round, a moment later.
+        // stop (its CPU is oversubscribed: a later stop costs a scheduling rotation). A thread on a free CPU
+        // is tried again in the next round, 100 µs later (`drive`), and its pause stays its own handling.
         let budget = if waited >= STEP_WHEN_STOP_TOOK {
             MAX_STEPS
-        } else if retry_round {
-            MAX_STEPS_FREE_CPU
         } else {
             0
         };
@@ -131,10 +126,6 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
 /// Most instructions a thread is single-stepped to leave the patched function it is executing (each step is
 /// a ptrace round trip of some 10–30 µs here, and the thread is stopped meanwhile).
 const MAX_STEPS: u32 = 16;
-
-/// Most single steps for a thread on a free CPU (each some 20–40 µs there): enough to leave a short leaf
-/// and its stub, short enough to keep that thread's pause well under half a millisecond.
-const MAX_STEPS_FREE_CPU: u32 = 4;
 
 /// A thread found executing a patched function is stepped out of it only if it took at least this long to
 /// stop (see `round`).
@@ -352,14 +343,22 @@ pub fn drive(
         last_switched = stats.switched;
         // The first retries come quickly (100 µs, doubling up to the interval): a thread that was merely
         // passing through a patched function is usually out of it a moment later (DESIGN §4.5).
+        // A thread blocked only because it was executing a patched function (frame 0) is out of it a moment
+        // later: while every blocker is of that kind, keep retrying every 100 µs (for up to 50 rounds)
+        // instead of doubling the wait, and do not hold the thread to step it when its CPU is free.
+        let passing = !stats.blockers.is_empty()
+            && stats.blockers.iter().all(|b| b.frame == Some(0))
+            && stats.rounds <= 50;
         let factor = 1u32 << (idle_rounds / 10).min(3);
         let ramp = Duration::from_micros(100).saturating_mul(1u32 << stats.rounds.min(16));
-        std::thread::sleep(
+        std::thread::sleep(if passing {
+            Duration::from_micros(100)
+        } else {
             opts.interval
                 .saturating_mul(factor)
                 .min(ramp)
-                .max(Duration::from_micros(100)),
-        );
+                .max(Duration::from_micros(100))
+        });
     }
 }
 
