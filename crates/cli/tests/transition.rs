@@ -13,10 +13,7 @@ fn serial_t_issue5_1_consistency_oracle_100_cycles() {
     let pid = t.pid().to_string();
     let a = patch("a", &["VERSION=2"]);
     let a = a.to_str().unwrap();
-    let cycles: u32 = std::env::var("RELIVE_ORACLE_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let cycles: u32 = env_count("RELIVE_ORACLE_CYCLES", 100);
     for i in 0..cycles {
         ok(&["apply", &pid, a]);
         let s = t.wait_workers(2);

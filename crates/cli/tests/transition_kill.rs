@@ -68,10 +68,7 @@ fn killed_controller_trials(mut t: Target, name: &str) {
         .as_nanos() as u64;
     eprintln!("seed {seed}, kill points within {span:?}");
     let mut rng = Lcg(seed);
-    let trials: u32 = std::env::var("RELIVE_KILL_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let trials: u32 = env_count("RELIVE_KILL_TRIALS", 50);
     for trial in 0..trials {
         let (v, _) = settled(&mut t);
         let apply = trial % 2 == 0;
@@ -134,10 +131,7 @@ fn serial_t_issue5_10_signal_handlers_calling_the_patched_function() {
     let pid = t.pid().to_string();
     let a = patch("sig", &["VERSION=2"]);
     let a = a.to_str().unwrap();
-    let cycles: u32 = std::env::var("RELIVE_SIGNAL_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let cycles: u32 = env_count("RELIVE_SIGNAL_CYCLES", 30);
     let sig0 = num(&t.stats(), "sig");
     for i in 0..cycles {
         ok(&["apply", &pid, a]);

@@ -15,6 +15,19 @@ fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(o)))
 }
 
+/// Asserts that `o`, a `--json` report, lists entry-write windows and that all were written in `mode`
+/// (`"int3"` or `"stop-all"`); `what` says which command, for the failure message.
+fn expect_windows(o: &std::process::Output, mode: &str, what: &str) -> serde_json::Value {
+    let j = json(o);
+    let m = modes(&j);
+    assert!(
+        !m.is_empty() && m.iter().all(|m| m == mode),
+        "{what}: windows {m:?}, expected all {mode}\n{}",
+        text(o)
+    );
+    j
+}
+
 /// The modes of the entry-write windows a `--json` report lists.
 fn modes(j: &serde_json::Value) -> Vec<String> {
     j["windows"]
@@ -40,24 +53,14 @@ fn serial_t_issue5_stop_free_entry_writes_oracle_100_cycles_with_signals() {
     let pid = t.pid().to_string();
     let a = patch("hp", &["VERSION=2"]);
     let a = a.to_str().unwrap();
-    let cycles: u32 = std::env::var("RELIVE_ORACLE_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let cycles: u32 = env_count("RELIVE_ORACLE_CYCLES", 100);
     let mut hits = 0;
     for i in 0..cycles {
         for (args, version) in [
             (vec!["--json", "-v", "apply", &pid, a], 2),
             (vec!["--json", "-v", "disable", &pid, "hp"], 1),
         ] {
-            let o = ok(&args);
-            let j = json(&o);
-            let m = modes(&j);
-            assert!(
-                !m.is_empty() && m.iter().all(|m| m == "int3"),
-                "cycle {i}: {args:?} wrote entries under a stop-all: {m:?}\n{}",
-                text(&o)
-            );
+            let j = expect_windows(&ok(&args), "int3", &format!("cycle {i}: {args:?}"));
             hits += j["windows"]
                 .as_array()
                 .unwrap()
@@ -84,12 +87,7 @@ fn serial_t_issue5_stop_free_refused_when_a_thread_blocks_sigtrap_falls_back_to_
     let pid = t.pid().to_string();
     let a = patch("hpb", &["VERSION=2"]);
     let o = ok(&["--json", "-v", "apply", &pid, a.to_str().unwrap()]);
-    let m = modes(&json(&o));
-    assert!(
-        !m.is_empty() && m.iter().all(|m| m == "stop-all"),
-        "{m:?}\n{}",
-        text(&o)
-    );
+    expect_windows(&o, "stop-all", "apply");
     assert!(
         text(&o).contains("SIGTRAP"),
         "the reason is not reported: {}",
@@ -113,8 +111,7 @@ fn serial_t_issue5_stop_free_can_be_turned_off() {
     let env = [("RELIVE_ENTRY_WRITES", "stop-all")];
     let o = relive_env(&["--json", "apply", &pid, a.to_str().unwrap()], &env);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let m = modes(&json(&o));
-    assert!(!m.is_empty() && m.iter().all(|m| m == "stop-all"), "{m:?}");
+    expect_windows(&o, "stop-all", "apply with RELIVE_ENTRY_WRITES=stop-all");
     t.wait_workers(2);
     let o = ok(&["--json", "disable", &pid, "hpo"]);
     assert!(modes(&json(&o)).iter().all(|m| m == "int3"), "{}", text(&o));
@@ -132,12 +129,7 @@ fn serial_t_issue5_stop_free_with_a_thread_in_sigsuspend_blocking_everything_els
     let pid = t.pid().to_string();
     let a = patch("hps", &["VERSION=2"]);
     let o = ok(&["--json", "-v", "apply", &pid, a.to_str().unwrap()]);
-    let m = modes(&json(&o));
-    assert!(
-        !m.is_empty() && m.iter().all(|m| m == "int3"),
-        "{m:?}\n{}",
-        text(&o)
-    );
+    expect_windows(&o, "int3", "apply");
     let s = t.wait_workers(2);
     assert_eq!(num(&s, "mix"), 0, "{s:?}");
     let o = ok(&["--json", "disable", &pid, "hps"]);

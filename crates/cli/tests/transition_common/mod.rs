@@ -234,3 +234,11 @@ pub fn text_and_maps(t: &Target) -> (Vec<u8>, String) {
     relive_proc::read_memory(t.pid(), a, &mut buf).expect("read text");
     (buf, maps)
 }
+
+/// A repetition count from the environment (`RELIVE_ORACLE_CYCLES`, …), or `default`.
+pub fn env_count(var: &str, default: u32) -> u32 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
