@@ -302,7 +302,16 @@ pub fn read_registry(loc: &AgentLocation) -> Result<Snapshot> {
         let h = match layout::decode_header(&buf) {
             Ok(h) => h,
             Err(_) if layout::generation_of(&buf).ok() != Some(g1) => continue,
-            Err(source) => return Err(AgentError::Registry { pid, addr, source }),
+            Err(source) => {
+                // A bad header is only reported once the live generation confirms the copy was
+                // not taken under a writer.
+                read_mem(pid, addr + layout::off::GENERATION as u64, &mut g)
+                    .map_err(|e| io_err(pid, "the registry", e))?;
+                if u64::from_le_bytes(g) != g1 {
+                    continue;
+                }
+                return Err(AgentError::Registry { pid, addr, source });
+            }
         };
         if h.body_len > 0 {
             buf.resize(layout::HEADER_SIZE + h.body_len as usize, 0);
