@@ -28,6 +28,7 @@ const VOLATILE: &[&str] = &[
     "elapsed_ms",
     "transition_ms",
     "pause_us",
+    "stop_wait_us",
     "pause_samples_us",
     "window_us",
     "int3_hits",

@@ -134,6 +134,10 @@ pub struct Report {
     /// window that installed the entries).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pause_samples_us: Option<Vec<u64>>,
+    /// Per-thread time from relive's interrupt to the start of its handling: median, p99 and max, in µs.
+    /// A sleeping thread stops at once, so for it this is time stopped before `pause_us` starts; a running
+    /// thread runs on until it stops.
+    pub stop_wait_us: Option<(u64, u64, u64)>,
     /// The kernel-style log lines of the model (SPEC events).
     pub log: Vec<String>,
 }
@@ -188,6 +192,13 @@ impl Report {
         self.steps += st.steps;
         self.switched += st.switched;
         self.blockers = st.blockers.clone();
+        let mut w = st.stop_waits_us.clone();
+        self.stop_wait_us.get_or_insert((0, 0, 0));
+        if !w.is_empty() {
+            w.sort_unstable();
+            let q = |f: f64| w[((w.len() - 1) as f64 * f).round() as usize];
+            self.stop_wait_us = Some((q(0.5), q(0.99), *w.last().unwrap_or(&0)));
+        }
         let mut p = st.pauses_us.clone();
         self.pause_samples_us
             .get_or_insert_with(Vec::new)

@@ -21,6 +21,9 @@ pub struct SwitchStats {
     /// Per-thread stop → unwind → decide → write → resume pauses, in microseconds.
     #[serde(skip)]
     pub pauses_us: Vec<u64>,
+    /// Per-thread time from the interrupt to the handling, in microseconds (see `Report::stop_wait_us`).
+    #[serde(skip)]
+    pub stop_waits_us: Vec<u64>,
     pub switched: usize,
     /// Single steps taken to move threads out of a patched function they were executing.
     pub steps: u32,
@@ -82,6 +85,9 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
         } else {
             0
         };
+        if !began.contains_key(&tid) {
+            stats.stop_waits_us.push(waited.as_micros() as u64);
+        }
         let (t0, steps, budget) = *began.entry(tid).or_insert((Instant::now(), 0, budget));
         let r = handle(s, &t, &mut reader, stats, &mut blockers, steps < budget);
         let step = matches!(r, Ok(true));
