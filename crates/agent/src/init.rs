@@ -90,6 +90,7 @@ fn start(flags_extra: u32) {
             // SAFETY: gettid has no preconditions.
             let tid = unsafe { libc::gettid() } as u32;
             SERVICE_TID.store(tid, Ordering::Relaxed);
+            service::remember_policy();
             if let Some(mut h) = crate::registry::header() {
                 h.service_tid = tid;
                 h.flags |= layout::FLAG_READY;

@@ -7,7 +7,56 @@
 //! the controller opens its own file descriptions through `/proc/PID/fd/N`.
 
 use relive_abi::proto::{self, FRAME_HEADER, Request, Response};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
+
+/// The service thread's own scheduling policy and priority, read when it starts (inherited from the
+/// thread that loaded the agent); -1 before.
+static OWN_POLICY: AtomicI32 = AtomicI32::new(-1);
+static OWN_PRIORITY: AtomicI32 = AtomicI32::new(0);
+
+/// How long the service thread waits for a request, idle at a policy a controller lent it, before it
+/// checks whether that controller is still there.
+const ORPHAN_CHECK_MS: i32 = 500;
+
+/// Records the calling (service) thread's policy, the one to return to when a controller's boost is
+/// orphaned.
+pub fn remember_policy() {
+    let mut p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_getscheduler/sched_getparam on the calling thread; `p` is a valid out-pointer.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    // SAFETY: as above.
+    if policy >= 0 && unsafe { libc::sched_getparam(0, &mut p) } == 0 {
+        OWN_PRIORITY.store(p.sched_priority, Ordering::Relaxed);
+        OWN_POLICY.store(policy & !libc::SCHED_RESET_ON_FORK, Ordering::Relaxed);
+    }
+}
+
+/// Whether a controller has moved this thread off its own policy (relive boosts the service thread to
+/// SCHED_FIFO 1 for a session and gives it back when the session ends).
+fn boosted() -> bool {
+    let own = OWN_POLICY.load(Ordering::Relaxed);
+    // SAFETY: sched_getscheduler on the calling thread has no preconditions.
+    own >= 0 && (unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK) != own
+}
+
+/// Gives this thread its own policy back when the controller that boosted it is gone: no live process
+/// holds the controller lock (a relive killed mid-session never restores the policy itself).
+fn drop_orphaned_boost() {
+    let owner = crate::registry::header().map_or(0, |h| h.lock_owner);
+    // SAFETY: kill with signal 0 only checks for existence.
+    let alive = owner != 0
+        && (unsafe { libc::kill(owner as i32, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+    if alive {
+        return;
+    }
+    let p = libc::sched_param {
+        sched_priority: OWN_PRIORITY.load(Ordering::Relaxed),
+    };
+    // SAFETY: sched_setscheduler on the calling thread with a valid sched_param.
+    unsafe { libc::sched_setscheduler(0, OWN_POLICY.load(Ordering::Relaxed), &p) };
+}
 
 /// The four pipe ends, as seen by the agent.
 #[derive(Debug, Clone, Copy)]
@@ -67,19 +116,27 @@ fn poll_in(fd: i32, timeout_ms: i32) -> bool {
 }
 
 /// Reads until `buf` holds at least `n` bytes. Waits forever while `buf` is empty and
-/// `first_wait` is set; otherwise returns false when bytes stop arriving for `FRAME_TIMEOUT_MS`
-/// (a controller that died mid-frame).
+/// `first_wait` is set (checking every `ORPHAN_CHECK_MS` for an orphaned boost while boosted);
+/// otherwise returns false when bytes stop arriving for `FRAME_TIMEOUT_MS` (a controller that died
+/// mid-frame).
 fn fill(fd: i32, buf: &mut Vec<u8>, n: usize, first_wait: bool) -> bool {
     let mut last = Instant::now();
     let mut chunk = [0u8; 16 * 1024];
     while buf.len() < n {
-        let wait = if buf.is_empty() && first_wait {
-            -1
-        } else {
-            proto::FRAME_TIMEOUT_MS as i32
+        let idle = buf.is_empty() && first_wait;
+        let wait = match (idle, idle && boosted()) {
+            (true, true) => ORPHAN_CHECK_MS,
+            (true, false) => -1,
+            _ => proto::FRAME_TIMEOUT_MS as i32,
         };
-        if !poll_in(fd, wait) && last.elapsed() >= Duration::from_millis(proto::FRAME_TIMEOUT_MS) {
-            return false;
+        if !poll_in(fd, wait) {
+            if idle {
+                drop_orphaned_boost();
+                continue;
+            }
+            if last.elapsed() >= Duration::from_millis(proto::FRAME_TIMEOUT_MS) {
+                return false;
+            }
         }
         let want = (n - buf.len()).min(chunk.len());
         // SAFETY: reading into a local buffer of at least `want` bytes.

@@ -139,6 +139,19 @@ fn serial_t_issue5_stop_free_with_a_thread_in_sigsuspend_blocking_everything_els
     assert!(t.alive());
 }
 
+/// The agent's service thread, from `relive status --json`.
+fn service_tid(pid: &str) -> u64 {
+    let st = ok(&["--json", "status", pid]);
+    json(&st)["agent"]["service_tid"].as_u64().unwrap()
+}
+
+/// Field 41 of a thread's stat: its scheduling policy (0 = SCHED_OTHER, 1 = SCHED_FIFO).
+fn policy_of(pid: &str, tid: u64) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(41 - 3).unwrap().to_string()
+}
+
 /// docs/FAQ.md "Why does relive run at a real-time priority?": during a transition command the agent's
 /// service thread runs at SCHED_FIFO 1 (when relive may), and it is back at SCHED_OTHER once the command
 /// ends, whether it succeeded or was refused.
@@ -146,14 +159,8 @@ fn serial_t_issue5_stop_free_with_a_thread_in_sigsuspend_blocking_everything_els
 fn serial_t_issue5_agent_service_thread_is_back_at_sched_other_after_a_command() {
     let mut t = hotpatch_oracle(&["--duty", "200"]);
     let pid = t.pid().to_string();
-    let st = ok(&["--json", "status", &pid]);
-    let tid = json(&st)["agent"]["service_tid"].as_u64().unwrap();
-    // Field 41 of stat: the scheduling policy (0 = SCHED_OTHER, 1 = SCHED_FIFO).
-    let policy = || {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
-        let rest = &s[s.rfind(')').unwrap() + 1..];
-        rest.split_whitespace().nth(41 - 3).unwrap().to_string()
-    };
+    let tid = service_tid(&pid);
+    let policy = || policy_of(&pid, tid);
     assert_eq!(policy(), "0");
     let a = patch("hpsched", &["VERSION=2"]);
     ok(&["apply", &pid, a.to_str().unwrap()]);
@@ -168,4 +175,81 @@ fn serial_t_issue5_agent_service_thread_is_back_at_sched_other_after_a_command()
     ok(&["disable", &pid, "hpsched"]);
     assert_eq!(policy(), "0", "after disable");
     t.wait_workers(1);
+}
+
+/// docs/FAQ.md "Why does relive run at a real-time priority?": a relive killed in the middle of a command
+/// cannot give the agent's service thread its own policy back, so the agent does it itself once it has
+/// been idle for half a second with no live process holding its controller lock.
+#[test]
+fn serial_t_issue5_agent_drops_the_boost_of_a_killed_controller() {
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut t = oracle(&["--stall", "--duty", "200"]);
+    let pid = t.pid().to_string();
+    let tid = service_tid(&pid);
+    assert_eq!(policy_of(&pid, tid), "0");
+    // A thread sleeps inside the patched `held`: the apply waits for it, boosted, until it is killed.
+    let s = patch("orphan", &["VERSION=2", "STALL=1"]);
+    let mut c = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_relive"))
+            .args(["apply", &pid, s.to_str().unwrap(), "--timeout", "60"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run relive"),
+    );
+    let until = |what: &str, want: &str, within: std::time::Duration| {
+        let deadline = std::time::Instant::now() + within;
+        while policy_of(&pid, tid) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: policy still {}",
+                policy_of(&pid, tid)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    until(
+        "the apply never boosted the service thread",
+        "1",
+        std::time::Duration::from_secs(20),
+    );
+    // Kill it once only the thread in `held` is left to switch: the command is waiting for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = json(&ok(&["--json", "status", &pid]));
+        let tr = &st["agent"]["transition"];
+        if tr["patch"] == "orphan" && tr["pending"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transition never got down to the holder: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        policy_of(&pid, tid),
+        "1",
+        "the service thread is boosted while the apply waits"
+    );
+    c.0.kill().unwrap();
+    c.0.wait().unwrap();
+    let killed = std::time::Instant::now();
+    until(
+        "the agent kept the boost of a dead controller",
+        "0",
+        std::time::Duration::from_secs(5),
+    );
+    eprintln!("policy back {:?} after the kill", killed.elapsed());
+    // The next command finds the transition the killed one left and reverses it.
+    ok(&["disable", &pid, "orphan"]);
+    assert_eq!(policy_of(&pid, tid), "0", "after the disable");
+    let st = t.wait_workers(1);
+    assert_eq!(num(&st, "mix"), 0, "{st:?}");
 }

@@ -85,15 +85,15 @@ impl Session {
         let mut conn = AgentConn::open(&loc, Duration::from_secs(10)).map_err(|e| Fail::Error(anyhow!(e)))?;
         tracing::debug!(pid, "agent channel open in {:?}", t0.elapsed());
         // The agent's service thread at SCHED_FIFO 1 for this session, from its first request on (only when
-        // relive itself runs at a real-time priority: permitted, not opted out); back to SCHED_OTHER when
-        // the session ends. A relive killed meanwhile leaves it there until the next command ends.
+        // relive itself runs at a real-time priority: permitted, not opted out); back at its own policy when
+        // the session ends. If relive is killed meanwhile, the agent drops the boost itself once it has
+        // been idle for half a second with no live controller holding its lock (`service::idle_wait`).
         let service_tid = agent::read_registry(&loc).map_or(0, |r| r.header.service_tid as i32);
-        let boosted = Boost(
-            (relive_proc::sched::is_realtime()
-                && service_tid != 0
-                && relive_proc::sched::boost_thread(service_tid))
-            .then_some(service_tid),
-        );
+        let boosted = Boost(if relive_proc::sched::is_realtime() && service_tid != 0 {
+            relive_proc::sched::boost_thread(service_tid).map(|before| (service_tid, before))
+        } else {
+            None
+        });
         conn.lock().map_err(|e| Fail::Error(anyhow!(e)))?;
         tracing::debug!(pid, "controller lock taken after {:?}", t0.elapsed());
         let snap = agent::read_registry(&loc).map_err(|e| Fail::Error(anyhow!(e)))?;
@@ -293,14 +293,14 @@ impl Drop for Session {
     }
 }
 
-/// A thread moved to SCHED_FIFO 1 for a session; moved back to SCHED_OTHER when dropped (the session ends,
+/// A thread moved to SCHED_FIFO 1 for a session; given its own policy back when dropped (the session ends,
 /// or fails to open).
-struct Boost(Option<i32>);
+struct Boost(Option<(i32, relive_proc::sched::Policy)>);
 
 impl Drop for Boost {
     fn drop(&mut self) {
-        if let Some(tid) = self.0 {
-            relive_proc::sched::unboost_thread(tid);
+        if let Some((tid, before)) = self.0 {
+            relive_proc::sched::restore_thread(tid, before);
         }
     }
 }
