@@ -42,6 +42,21 @@ fn serial_t_issue7_apply_refusals_leave_target_unchanged() {
         3,
         &["not a usable relive patch"],
     );
+    // A patch compiled but not linked (`cc -c`): it has a manifest, but dlopen takes shared objects only.
+    // check refuses it too (it once said "apply would proceed").
+    let obj = relive_testkit::compile_c(
+        "transition_patch_object",
+        &["transition_patch.c"],
+        &["-O2", "-g", "-fPIC", "-c", "-DPATCH_NAME=obj"],
+    );
+    for cmd in ["apply", "check"] {
+        refused_unchanged(
+            &t,
+            &[cmd, &pid, obj.to_str().unwrap()],
+            3,
+            &["not a usable relive patch", "relocatable object file", "-shared"],
+        );
+    }
     // A wrong build-id.
     let p = patch("wrongbid", &["BUILD_ID=0123456789abcdef"]);
     refused_unchanged(

@@ -29,6 +29,22 @@ impl PatchFile {
             .map_err(|e| Fail::Error(anyhow!("cannot read the patch file {}: {e}", path.display())))?;
         let manifest = read_manifest(&bytes)
             .map_err(|e| Fail::Refused(anyhow!("{} is not a usable relive patch: {e}", path.display())))?;
+        // The agent loads patches with dlopen, which takes shared objects only: refuse anything else here,
+        // so that `check` says so too and `apply` never gets as far as the target.
+        let e_type = bytes.get(16..18).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        if e_type != Some(3) {
+            let what = match e_type {
+                Some(1) => "a relocatable object file (ET_REL, from `cc -c`)",
+                Some(2) => "an executable (ET_EXEC)",
+                Some(4) => "a core dump (ET_CORE)",
+                _ => "not a shared object",
+            };
+            return Err(Fail::Refused(anyhow!(
+                "{} is not a usable relive patch: it is {what}, and patches are shared objects: link it \
+                 with `cc -shared -fPIC` (C) or build a `cdylib` (Rust)",
+                path.display()
+            )));
+        }
         let symbols = SymbolTable::from_elf(&bytes, None);
         let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
         Ok(PatchFile {
