@@ -57,6 +57,31 @@ fn serial_t_issue7_apply_refusals_leave_target_unchanged() {
             &["not a usable relive patch", "relocatable object file", "-shared"],
         );
     }
+    // A thread id instead of the process id: /proc/TID exists and reads like a process, but the agent,
+    // the registry and the transition are the process's. Named, and refused before anything happens.
+    let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|t| t.to_string() != pid)
+        .expect("the oracle has worker threads")
+        .to_string();
+    let good_patch = patch("bytid", &["VERSION=2"]);
+    for args in [
+        vec!["apply", &tid, good_patch.to_str().unwrap()],
+        vec!["check", &tid, good_patch.to_str().unwrap()],
+        vec!["disable", &tid, "bytid"],
+        vec!["transition", &tid],
+    ] {
+        refused_unchanged(
+            &t,
+            &args,
+            3,
+            &[
+                &format!("{tid} is a thread of process {pid}"),
+                &format!("process id {pid}"),
+            ],
+        );
+    }
     // A wrong build-id.
     let p = patch("wrongbid", &["BUILD_ID=0123456789abcdef"]);
     refused_unchanged(

@@ -102,6 +102,16 @@ pub fn list_threads_once(pid: i32) -> Result<Vec<i32>> {
     Ok(tids)
 }
 
+/// The process (thread group) that thread `tid` belongs to, from `Tgid:` in `/proc/TID/status`; equal to
+/// `tid` for a process's main thread. None when there is no such thread or its status cannot be read.
+pub fn tgid_of(tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Every thread of `pid`, re-listing `/proc/PID/task` until a listing shows no new tid (threads
 /// may be created while we read). Threads that exited in between are dropped.
 pub fn list_threads(pid: i32) -> Result<Vec<i32>> {

@@ -448,6 +448,7 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
         patch: Some(pf.name.clone()),
         ..Report::default()
     };
+    session::ensure_process(pid)?;
     // DESIGN §1: nothing in the target changes before every check has passed. Without an agent, run the
     // checks read-only first (as `relive check` does), so a refused patch does not even inject the agent.
     if relive_proc::process_exists(pid)

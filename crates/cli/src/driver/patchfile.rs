@@ -706,11 +706,7 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
 
 /// `relive check`: read-only (no injection, no lock, no write).
 pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckReport, Fail> {
-    if !relive_proc::process_exists(pid) {
-        return Err(Fail::Error(anyhow!(
-            "no process with pid {pid}: check the pid with `ps` or `pgrep`"
-        )));
-    }
+    super::session::ensure_process(pid)?;
     let image = ProcessImage::load(pid, &relive_proc::ImageOptions::default())
         .map_err(|e| super::session::proc_err(pid, "cannot map modules", e))?;
     let mut general = vec![];

@@ -42,6 +42,23 @@ pub struct Session {
     locked: bool,
 }
 
+/// Refuses a pid that names no process, or names a thread that is not its process's main thread (its
+/// /proc entry exists and reads like a process's, but relive works on whole processes: the agent, the
+/// registry and the transition are the thread group's).
+pub fn ensure_process(pid: i32) -> Result<(), Fail> {
+    if !relive_proc::process_exists(pid) {
+        return Err(Fail::Error(anyhow!(
+            "no process with pid {pid}: check the pid with `ps` or `pgrep`"
+        )));
+    }
+    match relive_proc::tgid_of(pid) {
+        Some(tgid) if tgid != pid => Err(Fail::Refused(anyhow!(
+            "{pid} is a thread of process {tgid}, not a process: give relive the process id {tgid}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Maps a process-level error to a refusal or an error with the pid in the message.
 pub fn proc_err(pid: i32, what: &str, e: impl std::fmt::Display) -> Fail {
     Fail::Error(anyhow!("{what} in pid {pid}: {e}"))
@@ -51,11 +68,7 @@ impl Session {
     /// Finds (or, with `inject`, injects) the agent of `pid`, opens its channel, takes the controller lock
     /// and reads the registry document.
     pub fn open(pid: i32, inject: bool, opts: &Options) -> Result<Session, Fail> {
-        if !relive_proc::process_exists(pid) {
-            return Err(Fail::Error(anyhow!(
-                "no process with pid {pid}: check the pid with `ps` or `pgrep`"
-            )));
-        }
+        ensure_process(pid)?;
         let (loc, injected) = if inject {
             let spinner = indicatif::ProgressBar::new_spinner();
             if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
