@@ -158,6 +158,13 @@ fn serial_t_issue7_check_one_verdict_per_func_changes_nothing() {
         "check changed the code mappings (injected the agent?)"
     );
     assert!(!after.1.contains("relive_agent"));
+    // `transition` on a process without the agent: nothing pending, exit 0 as with an agent (a script
+    // need not tell the two apart), and no agent injected.
+    let o = relive(&["--json", "transition", &pid]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["outcome"], "no transition pending", "{j}");
+    assert!(!text_and_maps(&t).1.contains("relive_agent"));
     // Human output: one line per func.
     let o = relive(&["check", &pid, a.to_str().unwrap()]);
     let out = String::from_utf8_lossy(&o.stdout);

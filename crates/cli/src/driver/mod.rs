@@ -120,6 +120,8 @@ pub struct Report {
     /// transition without replace: SPEC C11 (5.18) marks only the transition patch of an unpatching
     /// transition, or the patches a replace patch removes.
     pub forced_patches: Vec<String>,
+    /// Threads `force` switched without a stack check (C11).
+    pub forced_threads: usize,
     pub agent_injected: bool,
     pub elapsed_ms: f64,
     /// From the start of the transition (init) to its completion (or to the command's return while pending):
@@ -147,6 +149,10 @@ impl Report {
         let patch = self.patch.as_deref().unwrap_or("-");
         match self.outcome.as_str() {
             "already_active" => format!("patch {patch} is already active in pid {}", self.pid),
+            "no transition pending" => format!(
+                "pid {} has no transition pending; nothing to do ({} threads)",
+                self.pid, self.threads
+            ),
             "pending" => {
                 let mut s = format!(
                     "patch {patch} in pid {}: transition to {} still pending: {}/{} threads switched",
@@ -166,20 +172,28 @@ impl Report {
                 s
             }
             o => format!(
-                "{} of patch {patch} in pid {}: {o} ({} threads, {} switched in {} rounds, {:.1} ms{})",
+                "{} of patch {patch} in pid {}: {o} ({} threads; {} switched by this command after a stack check in \
+                 {} rounds{}, {:.1} ms{})",
                 self.operation,
                 self.pid,
                 self.threads,
                 self.switched,
                 self.rounds,
+                if self.forced {
+                    format!(", {} forced without one", self.forced_threads)
+                } else {
+                    String::new()
+                },
                 self.elapsed_ms,
                 if !self.forced {
                     String::new()
                 } else if self.forced_patches.is_empty() {
-                    ", forced; no patch marked forced (C11)".to_owned()
+                    "; no library needs keeping: the forced threads may only be running code that stays \
+                     loaded (C11)"
+                        .to_owned()
                 } else {
                     format!(
-                        ", forced; marked forced, never unloaded: {}",
+                        "; marked forced, never unloaded: {} (C11)",
                         self.forced_patches.join(", ")
                     )
                 }
@@ -652,12 +666,24 @@ fn reconcile(s: &mut Session, rep: &mut Report, progress: &mut dyn Progress) -> 
 /// `relive transition PID`: drive the pending transition to its end.
 pub fn transition(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Result<Report, Fail> {
     let started = Instant::now();
-    let mut s = Session::open(pid, false, opts)?;
     let mut rep = Report {
         pid,
         operation: "transition".into(),
         ..Report::default()
     };
+    // Without an agent there is no transition either: the same answer as with an agent and nothing
+    // pending (exit 0), so that a script need not tell the two apart.
+    session::ensure_process(pid)?;
+    if matches!(
+        relive_proc::agent::find_agent(pid),
+        Err(relive_proc::agent::AgentError::NotLoaded { .. })
+    ) {
+        rep.outcome = "no transition pending".into();
+        rep.threads = relive_proc::list_threads(pid).map_or(0, |t| t.len());
+        rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        return Ok(rep);
+    }
+    let mut s = Session::open(pid, false, opts)?;
     let Some(t) = s.doc.model.transition().cloned() else {
         reconcile(&mut s, &mut rep, progress)?;
         entries::retire_stubs(&mut s)?;
@@ -728,6 +754,7 @@ pub fn force(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Result<Re
     // (one that exits or appears meanwhile) is harmless: the entries are about to become direct jumps.
     for a in out.actions() {
         if let Action::WriteThreadState { tid, state } = a {
+            rep.forced_threads += 1;
             let fs = match s.fs_base.get(&tid.0) {
                 Some(f) => Some(*f),
                 None => relive_proc::stop_thread(pid, tid.0).ok().and_then(|t| {
