@@ -307,3 +307,53 @@ fn serial_t_issue5_transition_with_nothing_pending_changes_no_text() {
     assert_eq!(j["target"], "unpatched", "{j}");
     t.wait_workers(1);
 }
+
+/// Applying a patch whose name is already active: the same build is "already active" (exit 0, for `check`
+/// too: "apply would do nothing"); another build under the same name is refused with both build-ids
+/// (exit 3, target unchanged), since answering "already active" would leave the old fix running.
+#[test]
+fn serial_t_issue7_same_name_other_build_is_refused() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let build = |version: &str| {
+        relive_testkit::compile_c(
+            &format!("transition_patch_rebuilt_v{version}"),
+            &["transition_patch.c"],
+            &[
+                "-O2",
+                "-g",
+                "-fPIC",
+                "-shared",
+                "-DPATCH_NAME=rebuilt",
+                &format!("-DVERSION={version}"),
+            ],
+        )
+    };
+    let (v2, v3) = (build("2"), build("3"));
+    ok(&["apply", &pid, v2.to_str().unwrap()]);
+    t.wait_workers(2);
+    // The same build again.
+    let o = ok(&["--json", "apply", &pid, v2.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["outcome"], "already_active", "{j}");
+    let o = relive(&["--json", "check", &pid, v2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["already_active"], true, "{j}");
+    // Another build under the same name.
+    for cmd in ["apply", "check"] {
+        refused_unchanged(
+            &t,
+            &[cmd, &pid, v3.to_str().unwrap()],
+            3,
+            &["already active", "another build", "relive disable"],
+        );
+    }
+    assert_eq!(
+        num(&t.wait_workers(2), "mix"),
+        0,
+        "still the first build everywhere"
+    );
+    ok(&["disable", &pid, "rebuilt"]);
+    t.wait_workers(1);
+}

@@ -45,7 +45,9 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
         }
         crate::outln!(
             "verdict: {}",
-            if report.ok {
+            if report.already_active {
+                "apply would do nothing: this build of the patch is already active"
+            } else if report.ok {
                 "apply would proceed"
             } else {
                 "apply would refuse this patch"

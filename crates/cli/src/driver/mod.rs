@@ -513,6 +513,12 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
             finish_transition(&mut s, opts, &mut rep, progress, started, transition_started)?;
             return Ok(rep);
         }
+        if let Some(active) = patchfile::other_build_of_active(&s.image, &s.doc, &pf) {
+            return Err(Fail::Refused(anyhow!(
+                "{}",
+                patchfile::other_build_message(pid, &pf, &active)
+            )));
+        }
         rep.outcome = "already_active".into();
         rep.threads = s.doc.model.threads().len();
         rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -805,6 +811,8 @@ pub struct CheckReport {
     pub pid: i32,
     pub patch: String,
     pub ok: bool,
+    /// The same build of the patch is already active: apply would do nothing.
+    pub already_active: bool,
     pub general: Vec<Verdict>,
     pub funcs: Vec<FuncVerdict>,
 }

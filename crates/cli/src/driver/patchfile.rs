@@ -21,6 +21,8 @@ pub struct PatchFile {
     pub name: String,
     pub manifest: Manifest,
     pub symbols: SymbolTable,
+    /// The file's GNU build-id, if it has one: tells a rebuilt patch from the one already active.
+    pub build_id: Option<String>,
 }
 
 impl PatchFile {
@@ -46,14 +48,42 @@ impl PatchFile {
             )));
         }
         let symbols = SymbolTable::from_elf(&bytes, None);
+        let build_id = relive_elf::ElfImage::parse("patch", &bytes)
+            .ok()
+            .and_then(|i| i.build_id_hex());
         let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
         Ok(PatchFile {
             path,
             name: manifest.name.clone(),
             manifest,
             symbols,
+            build_id,
         })
     }
+}
+
+/// When a patch named like `pf` is active in the target: whether `pf` is another build of it (both
+/// build-ids known and different). Returns the active library's build-id in that case. Applying a rebuilt
+/// patch under the same name would otherwise answer "already active" and leave the old code running.
+pub fn other_build_of_active(image: &ProcessImage, doc: &Doc, pf: &PatchFile) -> Option<String> {
+    let rec = doc.patches.iter().find(|r| r.name == pf.name)?;
+    let active = image
+        .module_for(relive_elf::Avma(rec.base))?
+        .image
+        .build_id_hex()?;
+    (pf.build_id.as_ref()? != &active).then_some(active)
+}
+
+/// The refusal for [`other_build_of_active`].
+pub fn other_build_message(pid: i32, pf: &PatchFile, active: &str) -> String {
+    format!(
+        "patch {name} is already active in pid {pid}, but {file} is another build of it (build-id {new}, \
+         the active one has {active}): disable it first (`relive disable {pid} {name}`), or give the new \
+         version another name",
+        name = pf.name,
+        file = pf.path.display(),
+        new = pf.build_id.as_deref().unwrap_or("?"),
+    )
 }
 
 /// One resolved func.
@@ -81,6 +111,8 @@ pub struct Prepared {
     pub problems: Vec<(String, String)>,
     pub general: Vec<Verdict>,
     pub func_notes: Vec<(String, String)>,
+    /// The same build of this patch is already active (apply would do nothing).
+    pub already_active: bool,
     name_for_spec: String,
     replace: bool,
     stacking: bool,
@@ -434,6 +466,30 @@ pub fn prepare_with(
                     doc.model.patches().len()
                 ),
             }),
+            // The same build already active: apply answers "already active" and changes nothing.
+            Err(relive_core::Error::AlreadyExists { .. })
+                if other_build_of_active(image, doc, pf).is_none() =>
+            {
+                p.already_active = true;
+                p.general.push(Verdict {
+                    what: "conflicts, states, busy (L1, K5, ST3)".into(),
+                    ok: true,
+                    detail: format!(
+                        "patch {} is already active in pid {pid}: apply would do nothing",
+                        pf.name
+                    ),
+                });
+            }
+            Err(relive_core::Error::AlreadyExists { .. }) => {
+                let active = other_build_of_active(image, doc, pf).unwrap_or_default();
+                let msg = other_build_message(pid, pf, &active);
+                p.general.push(Verdict {
+                    what: "conflicts, states, busy (L1, K5, ST3)".into(),
+                    ok: false,
+                    detail: msg.clone(),
+                });
+                p.problems.push((String::new(), msg));
+            }
             Err(e) => {
                 let msg = format!("pid {pid}: {e}");
                 p.general.push(Verdict {
@@ -782,6 +838,7 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
         pid,
         patch: pf.name.clone(),
         ok,
+        already_active: p.already_active,
         general,
         funcs,
     })
