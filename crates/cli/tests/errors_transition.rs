@@ -357,3 +357,37 @@ fn serial_t_issue7_same_name_other_build_is_refused() {
     ok(&["disable", &pid, "rebuilt"]);
     t.wait_workers(1);
 }
+
+/// A patch of an object the process has not loaded (a mistyped name, or a library not loaded yet) is
+/// accepted (DESIGN §5), but `check` and `apply` say that nothing in it is patched, now or later: it used
+/// to read like a success ("completed … 2 switched").
+#[test]
+fn serial_t_issue7_an_object_not_loaded_is_reported_not_patched() {
+    let mut t = oracle(&["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("notloaded", &["OBJECT=libfoo.so.9"]);
+    let o = relive(&["check", &pid, p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("nothing in it is patched"), "{}", text(&o));
+    let o = ok(&["--json", "apply", &pid, p.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["not_loaded"], serde_json::json!(["libfoo.so.9"]), "{j}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("object libfoo.so.9 is not loaded"),
+        "{}",
+        text(&o)
+    );
+    ok(&["disable", &pid, "notloaded"]);
+    let o = ok(&["apply", &pid, p.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("nothing patched in libfoo.so.9"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        num(&t.wait_workers(1), "mix"),
+        0,
+        "the executable's f and g are untouched"
+    );
+    ok(&["disable", &pid, "notloaded"]);
+}

@@ -122,6 +122,9 @@ pub struct Report {
     pub forced_patches: Vec<String>,
     /// Threads `force` switched without a stack check (C11).
     pub forced_threads: usize,
+    /// Objects the patch names that the process has not loaded: accepted, but nothing in them is patched
+    /// (DESIGN §5: objects loaded later are not watched yet).
+    pub not_loaded: Vec<String>,
     pub agent_injected: bool,
     pub elapsed_ms: f64,
     /// From the start of the transition (init) to its completion (or to the command's return while pending):
@@ -173,7 +176,7 @@ impl Report {
             }
             o => format!(
                 "{} of patch {patch} in pid {}: {o} ({} threads; {} switched by this command after a stack check in \
-                 {} rounds{}, {:.1} ms{})",
+                 {} rounds{}, {:.1} ms{}){}",
                 self.operation,
                 self.pid,
                 self.threads,
@@ -195,6 +198,15 @@ impl Report {
                     format!(
                         "; marked forced, never unloaded: {} (C11)",
                         self.forced_patches.join(", ")
+                    )
+                },
+                if self.not_loaded.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; nothing patched in {}: not loaded in pid {} (objects loaded later are not patched)",
+                        self.not_loaded.join(", "),
+                        self.pid
                     )
                 }
             ),
@@ -530,6 +542,18 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     tracing::debug!(pid, "checks and entry analysis in {:?}", t_prep.elapsed());
     if let Some(first) = prepared.refusals().next() {
         return Err(Fail::Refused(anyhow!("{first}")));
+    }
+    rep.not_loaded = prepared
+        .objects
+        .iter()
+        .filter(|o| !o.loaded)
+        .map(|o| o.decl.name.clone())
+        .collect();
+    for o in &rep.not_loaded {
+        progress.step(&format!(
+            "object {o} is not loaded in pid {pid}: nothing in it is patched (objects loaded later are not \
+             patched yet); if the name is a typo, compare it with /proc/{pid}/maps"
+        ));
     }
     // 6: the agent loads the patch; the controller resolves its symbols and writes its import slots.
     progress.step(&format!("loading {} into pid {pid}", path.display()));

@@ -278,7 +278,9 @@ pub fn prepare_with(
                 what: format!("object {}", decl.name),
                 ok: true,
                 detail: format!(
-                    "not loaded in pid {pid}: accepted; its funcs are patched when it loads (DESIGN §5)"
+                    "not loaded in pid {pid}: accepted, but nothing in it is patched, now or if it is loaded \
+                     later (relive does not watch for objects loading yet, DESIGN §5); if the name is a typo, \
+                     compare it with /proc/{pid}/maps"
                 ),
             });
             p.objects.push(PreparedObject {
