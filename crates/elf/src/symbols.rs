@@ -46,7 +46,7 @@ pub struct Symbol {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
     #[error(
-        "function {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name); check the spelling or provide a debug file (--debug-dir)"
+        "function {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name); check the spelling; a static function of a stripped object needs its debug file, installed by build-id under /usr/lib/debug/.build-id/ (the distribution's debug package)"
     )]
     NotFound { object: String, name: String },
     #[error("function {name} is ambiguous in {object}: {} candidates ({}); give sympos 1..={} to pick one (SPEC D5)",
