@@ -352,3 +352,39 @@ fn serial_t_issue7_busy_timeout_and_nothing_to_do() {
     );
     assert!(t.alive());
 }
+
+/// `relive status` without a pid, run by a user who may not inspect a process with the agent: that process
+/// is not silently left out (it used to answer "no process has the relive agent loaded", exit 0): stderr
+/// counts the processes it could not inspect and says what to do, and JSON lists them under `unreadable`.
+#[test]
+fn serial_t_issue7_status_of_all_names_what_it_could_not_inspect() {
+    let t = hello();
+    let pid = t.pid();
+    let p = c_patch(
+        "permall",
+        "#include <relive.h>\nconst char *g2(int n){(void)n;return \"x\";}\nRELIVE_PATCH(\"permall\",0,0);\nRELIVE_OBJECT(\"exe\",\"\");\nRELIVE_FUNC(\"exe\",greeting,0,g2);\n",
+    );
+    ok(&["apply", &pid.to_string(), p.to_str().unwrap()]);
+    let o = relive_as_nobody(&["--json", "status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON on stdout");
+    let unreadable: Vec<i64> = j["unreadable"]
+        .as_array()
+        .expect("an unreadable list")
+        .iter()
+        .filter_map(|v| v.as_i64())
+        .collect();
+    assert!(unreadable.contains(&(pid as i64)), "{j}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("could not be inspected") && err.contains("CAP_SYS_PTRACE"),
+        "{err}"
+    );
+    let o = relive_as_nobody(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("no process this user may inspect"),
+        "{}",
+        text(&o)
+    );
+    ok(&["disable", &pid.to_string(), "permall"]);
+}

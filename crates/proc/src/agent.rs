@@ -370,10 +370,10 @@ pub fn wait_ready(loc: &AgentLocation, timeout: Duration) -> Result<Header> {
 
 /// Every process on the system that has the agent loaded (scans `/proc/*/maps`; processes that
 /// cannot be read are skipped).
-pub fn processes_with_agent() -> Vec<AgentLocation> {
-    let mut out = Vec::new();
+pub fn processes_with_agent() -> AgentScan {
+    let mut scan = AgentScan::default();
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
+        return scan;
     };
     let me = std::process::id() as i32;
     for e in rd.flatten() {
@@ -383,8 +383,13 @@ pub fn processes_with_agent() -> Vec<AgentLocation> {
         if pid == me {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-            continue;
+        let text = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(t) => t,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
+                scan.unreadable.push(pid);
+                continue;
+            }
+            Err(_) => continue,
         };
         if !text
             .lines()
@@ -393,11 +398,20 @@ pub fn processes_with_agent() -> Vec<AgentLocation> {
             continue;
         }
         if let Ok(loc) = find_agent(pid) {
-            out.push(loc);
+            scan.found.push(loc);
         }
     }
-    out.sort_by_key(|l| l.pid);
-    out
+    scan.found.sort_by_key(|l| l.pid);
+    scan.unreadable.sort_unstable();
+    scan
+}
+
+/// What [`processes_with_agent`] found: the agents, and the processes whose memory map this user may not
+/// read (they may have an agent too).
+#[derive(Debug, Default)]
+pub struct AgentScan {
+    pub found: Vec<AgentLocation>,
+    pub unreadable: Vec<i32>,
 }
 
 /// An open command channel to one agent. Holds `flock(LOCK_EX)` on the request pipe while alive, so

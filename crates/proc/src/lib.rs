@@ -26,7 +26,7 @@ pub use mem::{
 };
 pub use ptrace::{Regs, StopKind, StoppedProcess, StoppedThread, stop_all, stop_thread};
 pub use stacks::{ThreadStack, thread_stack, unwind_regs, unwind_stopped};
-pub use threads::{ThreadInfo, list_threads, parse_stat, tgid_of, thread_info};
+pub use threads::{ThreadInfo, effective_uid, list_threads, parse_stat, tgid_of, thread_info};
 pub mod agent;
 pub mod remote;
 pub mod xstate;

@@ -102,6 +102,12 @@ pub fn list_threads_once(pid: i32) -> Result<Vec<i32>> {
     Ok(tids)
 }
 
+/// The effective uid of this (controller) process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// The process (thread group) that thread `tid` belongs to, from `Tgid:` in `/proc/TID/status`; equal to
 /// `tid` for a process's main thread. None when there is no such thread or its status cannot be read.
 pub fn tgid_of(tid: i32) -> Option<i32> {

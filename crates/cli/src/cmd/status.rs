@@ -240,16 +240,41 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
         None => {
             let mut all = Vec::new();
             let mut errors = Vec::new();
-            for loc in agent::processes_with_agent() {
-                match status_of(&loc) {
+            let scan = agent::processes_with_agent();
+            for loc in &scan.found {
+                match status_of(loc) {
                     Ok(s) => all.push(s),
                     Err(e) => errors.push(serde_json::json!({ "pid": loc.pid, "error": e.to_string() })),
                 }
             }
+            // Processes this user may not inspect are not silently left out: say how many.
+            if !scan.unreadable.is_empty() {
+                let root = relive_proc::effective_uid() == 0;
+                eprintln!(
+                    "relive: {} process(es) could not be inspected (permission denied to their memory map, e.g. \
+                     pid {}){}",
+                    scan.unreadable.len(),
+                    scan.unreadable[0],
+                    if root {
+                        ": they are protected from tracing even for root (a security module, another user \
+                         namespace, or the VM's init)"
+                    } else {
+                        ": run relive as root, or with CAP_SYS_PTRACE, to see every process"
+                    }
+                );
+            }
             if ctx.json {
-                ctx.print_json(&serde_json::json!({ "processes": all, "errors": errors }));
+                ctx.print_json(&serde_json::json!({
+                    "processes": all,
+                    "errors": errors,
+                    "unreadable": scan.unreadable,
+                }));
             } else if all.is_empty() && errors.is_empty() {
-                crate::outln!("no process has the relive agent loaded");
+                if scan.unreadable.is_empty() {
+                    crate::outln!("no process has the relive agent loaded");
+                } else {
+                    crate::outln!("no process this user may inspect has the relive agent loaded");
+                }
             } else {
                 for s in &all {
                     crate::out!("{}", render(s));
