@@ -163,7 +163,7 @@ fn serial_t_issue7_check_one_verdict_per_func_changes_nothing() {
     let o = relive(&["--json", "transition", &pid]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["outcome"], "no transition pending", "{j}");
+    assert_eq!(j["outcome"], "nothing_pending", "{j}");
     assert!(!text_and_maps(&t).1.contains("relive_agent"));
     // Human output: one line per func.
     let o = relive(&["check", &pid, a.to_str().unwrap()]);
@@ -296,7 +296,7 @@ fn serial_t_issue5_transition_with_nothing_pending_changes_no_text() {
     assert_eq!(j["outcome"], "completed", "{j}");
     assert_eq!(j["target"], "patched", "{j}");
     t.wait_workers(2);
-    let o = refused_unchanged(&t, &["--json", "transition", &pid], 0, &["no transition pending"]);
+    let o = refused_unchanged(&t, &["--json", "transition", &pid], 0, &["nothing_pending"]);
     let start = o.find('{').unwrap();
     let end = o.rfind('}').unwrap();
     let j: serde_json::Value = serde_json::from_str(&o[start..=end]).unwrap();

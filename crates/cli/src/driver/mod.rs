@@ -104,7 +104,7 @@ pub struct Report {
     pub pid: i32,
     pub operation: String,
     pub patch: Option<String>,
-    /// completed | already_active | pending | reversed-and-completed …
+    /// completed | already_active | pending | cancelled | nothing_pending
     pub outcome: String,
     /// patched | unpatched (the target of the last transition driven)
     pub target: Option<String>,
@@ -126,9 +126,11 @@ pub struct Report {
     /// (DESIGN §5: objects loaded later are not watched yet).
     pub not_loaded: Vec<String>,
     pub agent_injected: bool,
+    #[serde(serialize_with = "micros")]
     pub elapsed_ms: f64,
     /// From the start of the transition (init) to its completion (or to the command's return while pending):
     /// the part after the agent, the process image and the patch library were ready.
+    #[serde(serialize_with = "micros")]
     pub transition_ms: f64,
     /// Entry-write windows (stop-all or stop-free int3), in order.
     pub windows: Vec<Window>,
@@ -147,12 +149,17 @@ pub struct Report {
     pub log: Vec<String>,
 }
 
+/// Milliseconds to the microsecond in JSON (`2.133764`, not `2.1337639999999998`).
+fn micros<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((ms * 1e3).round() / 1e3)
+}
+
 impl Report {
     pub fn summary(&self) -> String {
         let patch = self.patch.as_deref().unwrap_or("-");
         match self.outcome.as_str() {
             "already_active" => format!("patch {patch} is already active in pid {}", self.pid),
-            "no transition pending" => format!(
+            "nothing_pending" => format!(
                 "pid {} has no transition pending; nothing to do ({} threads)",
                 self.pid, self.threads
             ),
@@ -708,7 +715,7 @@ pub fn transition(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Resu
         relive_proc::agent::find_agent(pid),
         Err(relive_proc::agent::AgentError::NotLoaded { .. })
     ) {
-        rep.outcome = "no transition pending".into();
+        rep.outcome = "nothing_pending".into();
         rep.threads = relive_proc::list_threads(pid).map_or(0, |t| t.len());
         rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         return Ok(rep);
@@ -718,7 +725,7 @@ pub fn transition(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Resu
         reconcile(&mut s, &mut rep, progress)?;
         entries::retire_stubs(&mut s)?;
         s.save()?;
-        rep.outcome = "no transition pending".into();
+        rep.outcome = "nothing_pending".into();
         rep.threads = s.doc.model.threads().len();
         rep.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         return Ok(rep);
