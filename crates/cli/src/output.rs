@@ -121,14 +121,28 @@ pub fn finish(ctx: &Ctx, result: CmdResult) -> i32 {
         Err(Failure::Error(e)) => (exit::ERROR, "error", e),
         Err(Failure::Timeout(e)) => (exit::TIMEOUT, "timeout", e),
     };
-    let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
-    eprintln!("relive: {}", chain.join(": "));
+    let chain = chain_text(&err);
+    eprintln!("relive: {chain}");
     if ctx.json {
         ctx.print_json(
-            &serde_json::json!({ "error": { "kind": kind, "message": chain.join(": "), "exit_code": code } }),
+            &serde_json::json!({ "error": { "kind": kind, "message": chain, "exit_code": code } }),
         );
     }
     code
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text the error before it already shows
+/// (an error that prints its OS error and also returns it as its `source`): each OS error appears once.
+fn chain_text(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in err.chain() {
+        let t = c.to_string();
+        if parts.last().is_some_and(|prev| prev.contains(&t)) {
+            continue;
+        }
+        parts.push(t);
+    }
+    parts.join(": ")
 }
 
 /// Logs go to stderr, filtered by RUST_LOG or by -v.
@@ -144,4 +158,32 @@ pub fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read /proc/7/maps of pid 7: {source} (a hint)")]
+    struct ShowsItsSource {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_the_message_already_shows_is_not_repeated() {
+        let e = anyhow::Error::new(ShowsItsSource {
+            source: std::io::Error::from_raw_os_error(13), /* EACCES */
+        })
+        .context("cannot map modules in pid 7");
+        assert_eq!(
+            chain_text(&e),
+            "cannot map modules in pid 7: cannot read /proc/7/maps of pid 7: Permission denied (os error 13) (a hint)"
+        );
+        let e = anyhow::Error::new(std::io::Error::from_raw_os_error(2)).context("cannot read x");
+        assert_eq!(
+            chain_text(&e),
+            "cannot read x: No such file or directory (os error 2)"
+        );
+    }
 }

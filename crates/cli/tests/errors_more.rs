@@ -188,15 +188,84 @@ fn serial_t_issue7_a_pid_the_user_may_not_trace() {
         vec!["disable", &pid, "perm"],
         vec!["force", &pid],
     ] {
-        expect_unchanged(
+        let msg = expect_unchanged(
             &t,
             relive_as_nobody,
             &args,
             1,
             &[&pid, "permission", "CAP_SYS_PTRACE"],
         );
+        // One wording for every command: the path with the real pid, the OS error once, the target's owner and
+        // relive's uid, then the remedies for a user (sudo, setcap).
+        let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next().map(str::to_string))
+            .unwrap();
+        let core = format!(
+            "cannot read /proc/{pid}/maps of pid {pid}: Permission denied (os error 13); pid {pid} runs as uid {uid} \
+             and relive as uid 65534: run relive as "
+        );
+        assert!(
+            msg.contains(&core),
+            "relive {args:?}: expected {core:?} in: {msg}"
+        );
+        assert!(!msg.contains("/proc/PID"), "relive {args:?}: {msg}");
+        assert_eq!(msg.matches("(os error").count(), 1, "relive {args:?}: {msg}");
+        assert!(
+            msg.contains("sudo relive") && msg.contains("setcap cap_sys_ptrace+ep"),
+            "relive {args:?}: {msg}"
+        );
+        if !std::path::Path::new("/proc/sys/kernel/yama/ptrace_scope").exists() {
+            assert!(
+                !msg.contains("ptrace_scope"),
+                "no Yama here, yet relive {args:?} names it: {msg}"
+            );
+        }
     }
     let _ = std::fs::remove_file(&readable);
+}
+
+/// Root denied access (pid 1 here when the environment protects it): the message has no advice to use sudo
+/// and names the causes left for root. Runs only where this test process itself may not read /proc/1/maps.
+#[test]
+fn serial_t_root_denied_gets_no_sudo_advice() {
+    // The effective uid, from /proc/self/status ("Uid: real effective saved fs").
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        .unwrap();
+    let denied = std::fs::read_to_string("/proc/1/maps")
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+    if !root || !denied {
+        eprintln!(
+            "skipped: needs root and a /proc/1/maps that root may not read (root {root}, denied {denied})"
+        );
+        return;
+    }
+    for args in [vec!["status", "1"], vec!["stacks", "1"], vec!["transition", "1"]] {
+        let o = relive(&args);
+        let msg = text(&o);
+        assert_eq!(o.status.code(), Some(1), "relive {args:?}: {msg}");
+        assert!(
+            msg.contains(
+                "cannot read /proc/1/maps of pid 1: Permission denied (os error 13); relive runs as root"
+            ),
+            "relive {args:?}: {msg}"
+        );
+        assert!(
+            !msg.contains("sudo") && !msg.contains("uid 0"),
+            "relive {args:?}: {msg}"
+        );
+        assert!(
+            msg.contains("seccomp") && msg.contains("LSM"),
+            "relive {args:?}: {msg}"
+        );
+        assert_eq!(msg.matches("(os error").count(), 1, "relive {args:?}: {msg}");
+    }
 }
 
 /// SPEC D5: a name two local symbols share needs a sympos; a sympos past the last is refused. The target has

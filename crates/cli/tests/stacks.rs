@@ -716,7 +716,7 @@ fn t_error_thread_already_traced_names_the_tracer() {
     let (code, _, err) = run_relive(&["stacks", &pid.to_string(), "--tid", &tid.to_string()]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("permission denied") && err.contains("already traced by pid"),
+        err.contains("Operation not permitted (os error 1)") && err.contains("already traced by pid"),
         "{err}"
     );
     held.resume().unwrap();
@@ -772,7 +772,7 @@ fn t_error_permission_denied_names_the_fix() {
         .expect("run setpriv (util-linux; .ci/run installs it)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("permission denied"), "{err}");
+    assert!(err.contains("Permission denied (os error 13)"), "{err}");
     assert!(
         err.contains("root") && err.contains("CAP_SYS_PTRACE") && err.contains("SYS_PTRACE"),
         "{err}"

@@ -23,11 +23,20 @@ pub enum AgentError {
         relive_abi::REGISTRY_SYMBOL
     )]
     NotLoaded { pid: i32 },
-    #[error("cannot read {what} of pid {pid}: {source}{hint}")]
+    /// The OS error is part of the message (and not a `source`, which would print it twice).
+    #[error("cannot read {what} of pid {pid}: {err}{hint}")]
     Io {
         pid: i32,
         what: String,
-        source: std::io::Error,
+        err: std::io::Error,
+        hint: String,
+    },
+    /// EPERM/EACCES: worded as [`crate::ProcError::Permission`], with the same hint.
+    #[error("cannot read {what} of pid {pid}: {err}; {hint}")]
+    Permission {
+        pid: i32,
+        what: String,
+        err: std::io::Error,
         hint: String,
     },
     #[error("the agent file {path} mapped in pid {pid} cannot be parsed: {detail}")]
@@ -89,12 +98,15 @@ pub enum AgentError {
 
 pub type Result<T> = std::result::Result<T, AgentError>;
 
-fn io_err(pid: i32, what: impl Into<String>, source: std::io::Error) -> AgentError {
-    let hint = match source.raw_os_error() {
+fn io_err(pid: i32, what: impl Into<String>, err: std::io::Error) -> AgentError {
+    let hint = match err.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => {
-            " (permission denied: run relive as the target's user with ptrace allowed, as root, or with \
-             CAP_SYS_PTRACE; check /proc/sys/kernel/yama/ptrace_scope)"
-                .to_string()
+            return AgentError::Permission {
+                pid,
+                what: what.into(),
+                err,
+                hint: crate::error::permission_hint(pid),
+            };
         }
         Some(libc::ESRCH) | Some(libc::ENOENT) if !Path::new(&format!("/proc/{pid}")).exists() => {
             " (the process exited)".into()
@@ -104,7 +116,7 @@ fn io_err(pid: i32, what: impl Into<String>, source: std::io::Error) -> AgentErr
     AgentError::Io {
         pid,
         what: what.into(),
-        source,
+        err,
         hint,
     }
 }
@@ -156,7 +168,7 @@ pub fn read_maps(pid: i32) -> Result<Vec<MapLine>> {
     match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
         Ok(t) => Ok(parse_maps_text(&t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(AgentError::NoProcess { pid }),
-        Err(e) => Err(io_err(pid, "/proc/PID/maps", e)),
+        Err(e) => Err(io_err(pid, format!("/proc/{pid}/maps"), e)),
     }
 }
 

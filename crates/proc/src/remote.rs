@@ -46,13 +46,15 @@ pub enum InjectError {
         attempts: u32,
         threads: String,
     },
-    #[error("ptrace {op} on thread {tid} of pid {pid} failed: {source}{hint}")]
+    /// The OS error is part of the message (and not a `source`, which would print it twice).
+    #[error("ptrace {op} on thread {tid} of pid {pid} failed: {err}{hint}")]
     Ptrace {
         pid: i32,
         tid: i32,
         op: &'static str,
-        source: std::io::Error,
-        hint: &'static str,
+        err: std::io::Error,
+        /// Empty, or "; " and what to do about a permission error ([`crate::permission_hint_for`]).
+        hint: String,
     },
     #[error("thread {tid} of pid {pid} exited (or the process died) during the remote call")]
     TargetDied { pid: i32, tid: i32 },
@@ -151,16 +153,14 @@ fn perr(pid: i32, tid: i32, op: &'static str) -> InjectError {
         return InjectError::TargetDied { pid, tid };
     }
     let hint = match source.raw_os_error() {
-        Some(libc::EPERM) => {
-            " (permission denied: run as the target's user with ptrace allowed, as root or with CAP_SYS_PTRACE; check /proc/sys/kernel/yama/ptrace_scope, and that no debugger is attached)"
-        }
-        _ => "",
+        Some(libc::EPERM) | Some(libc::EACCES) => format!("; {}", crate::permission_hint_for(pid, Some(tid))),
+        _ => String::new(),
     };
     InjectError::Ptrace {
         pid,
         tid,
         op,
-        source,
+        err: source,
         hint,
     }
 }
@@ -558,8 +558,8 @@ fn try_call(
         pid,
         tid,
         op: "GETREGSET(NT_X86_XSTATE)",
-        source,
-        hint: "",
+        err: source,
+        hint: String::new(),
     })?;
     let Some(fp) = xs.as_sigframe_fpstate() else {
         return Err(InjectError::Unexpected {
@@ -719,8 +719,8 @@ fn try_call(
         pid,
         tid,
         op: "SETREGSET(NT_X86_XSTATE)",
-        source,
-        hint: "",
+        err: source,
+        hint: String::new(),
     })?;
     if ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &mask as *const u64 as usize) < 0 {
         return Err(perr(pid, tid, "SETSIGMASK"));
@@ -1044,9 +1044,9 @@ pub fn inject_library_with(
                 Err(InjectError::TargetDied { .. }) if crate::agent::read_maps(pid).is_ok() => {} // that thread exited
                 // Another tracer (a debugger, another relive) holds this thread: try the others.
                 // EPERM with no tracer is a permission problem: report it at once.
-                Err(InjectError::Ptrace {
-                    op: "SEIZE", source, ..
-                }) if source.raw_os_error() == Some(libc::EPERM) && tracer_of(pid, *tid) != 0 => {
+                Err(InjectError::Ptrace { op: "SEIZE", err, .. })
+                    if err.raw_os_error() == Some(libc::EPERM) && tracer_of(pid, *tid) != 0 =>
+                {
                     let tracer = tracer_of(pid, *tid);
                     if let Some(s) = seen.iter_mut().find(|s| s.starts_with(&format!("{tid} "))) {
                         *s = format!("{s}, already traced by pid {tracer}");
