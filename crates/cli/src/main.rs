@@ -61,7 +61,7 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| output::usage_error(e));
     output::init_logging(cli.verbose);
     let ctx = output::Ctx { json: cli.json };
     // Commands that drive a transition stop and resume target threads one by one: on CPUs full of target

@@ -46,8 +46,7 @@ pub mod exit {
     pub const OK: i32 = 0;
     /// An error: the operation could not be carried out (bad pid, permissions, target died, I/O).
     pub const ERROR: i32 = 1;
-    /// Usage error (clap's own code).
-    #[allow(dead_code)] // clap exits with it itself; kept for the documentation
+    /// Usage error (clap's own code; [`super::usage_error`] keeps it with `--json`).
     pub const USAGE: i32 = 2;
     /// Refusal: relive checked the request and declined it (conflict, incompatible state, bad patch,
     /// unpatchable prologue, busy). The target is unchanged.
@@ -145,6 +144,54 @@ fn chain_text(err: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// A command line clap rejected. Help and version requests, and any error without `--json` on the command line,
+/// take clap's usual way (text, exit 0 or 2). With `--json`, clap's text still goes to stderr, and stdout
+/// carries the one JSON document every `--json` run prints: `{"error": {"kind": "usage", …, "exit_code": 2}}`.
+pub fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || !json_requested(std::env::args_os())
+    {
+        e.exit()
+    }
+    let _ = e.print();
+    let message = usage_message(&e.render().to_string());
+    Ctx { json: true }.print_json(
+        &serde_json::json!({ "error": { "kind": "usage", "message": message, "exit_code": exit::USAGE } }),
+    );
+    std::process::exit(exit::USAGE)
+}
+
+/// Whether `--json` is among the options (before a `--` that ends them).
+fn json_requested(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    args.into_iter()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// clap's error text on one line: "error: " dropped, each paragraph's lines joined, paragraphs joined by "; "
+/// ("invalid value 'x' for '<PID>': invalid digit found in string; for more information, try '--help'").
+fn usage_message(rendered: &str) -> String {
+    let rendered = rendered.trim();
+    let rendered = rendered.strip_prefix("error: ").unwrap_or(rendered);
+    rendered
+        .split("\n\n")
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| !p.is_empty())
+        .enumerate()
+        .map(|(i, p)| {
+            let p = p.trim_end_matches('.').to_string();
+            let mut c = p.chars();
+            match c.next() {
+                Some(f) if i > 0 => f.to_lowercase().chain(c).collect(),
+                _ => p,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Logs go to stderr, filtered by RUST_LOG or by -v.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -168,6 +215,25 @@ mod tests {
     #[error("cannot read /proc/7/maps of pid 7: {source} (a hint)")]
     struct ShowsItsSource {
         source: std::io::Error,
+    }
+
+    #[test]
+    fn usage_messages_are_one_line_and_json_is_found_before_a_double_dash() {
+        assert_eq!(
+            usage_message(
+                "error: the following required arguments were not provided:\n  <PID>\n  <PATCH>\n\nUsage: relive apply <PID> <PATCH>\n\nFor more information, try '--help'.\n"
+            ),
+            "the following required arguments were not provided: <PID> <PATCH>; usage: relive apply <PID> <PATCH>; \
+             for more information, try '--help'"
+        );
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert!(json_requested(args(&["relive", "apply", "--json", "x"])));
+        assert!(!json_requested(args(&["relive", "apply", "x"])));
+        assert!(
+            !json_requested(args(&["--json", "apply", "x"])),
+            "argv[0] is the program"
+        );
+        assert!(!json_requested(args(&["relive", "apply", "--", "--json"])));
     }
 
     #[test]

@@ -260,3 +260,47 @@ fn serial_t_issue7_json_of_demo() {
     let v = snap("demo", None, &["demo"], 0);
     assert!(v["served_while_patched"].as_u64().is_some_and(|n| n > 0), "{v}");
 }
+
+/// A command line clap rejects still prints one JSON document with `--json` (kind "usage", exit 2), wherever
+/// `--json` stands; clap's own text stays on stderr. `--help` and `--version` print their text, exit 0.
+#[test]
+fn t_json_of_usage_errors() {
+    snap("usage_bad_pid", None, &["apply", "notapid", "fix.so"], 2);
+    snap("usage_unknown_command", None, &["bogus"], 2);
+    snap("usage_missing_argument", None, &["apply"], 2);
+    snap("usage_no_command", None, &[], 2);
+    for a in [
+        &["--json", "apply", "notapid", "fix.so"][..],
+        &["apply", "notapid", "fix.so", "--json"],
+    ] {
+        let o = relive(a);
+        assert_eq!(o.status.code(), Some(2), "relive {a:?}");
+        let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON document on stdout");
+        assert_eq!(v["error"]["kind"], "usage", "{v}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("error: invalid value 'notapid' for '<PID>'"),
+            "clap's text on stderr: {err}"
+        );
+    }
+    // Without --json: clap's text only.
+    let o = relive(&["apply", "notapid", "fix.so"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty(), "{}", String::from_utf8_lossy(&o.stdout));
+    for (a, want) in [
+        (&["--json", "--help"][..], "Usage: relive"),
+        (&["--json", "--version"], "relive "),
+    ] {
+        let o = relive(a);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(0), "relive {a:?}: {out}");
+        assert!(
+            out.starts_with(want) || out.contains(&format!("\n{want}")),
+            "relive {a:?}: {out}"
+        );
+        assert!(
+            serde_json::from_slice::<Value>(&o.stdout).is_err(),
+            "relive {a:?} printed JSON: {out}"
+        );
+    }
+}
