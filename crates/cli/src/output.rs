@@ -192,7 +192,8 @@ fn usage_message(rendered: &str) -> String {
         .join("; ")
 }
 
-/// Logs go to stderr, filtered by RUST_LOG or by -v.
+/// Logs go to stderr, filtered by RUST_LOG or by -v; coloured only when stderr is a terminal (not in a file,
+/// a pipe or a CI log).
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -204,6 +205,7 @@ pub fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
