@@ -193,3 +193,19 @@ fn t_d4_9_inspect_not_elf_or_not_patch() {
     assert_eq!(code, 3);
     assert!(err.contains("no .relive_manifest section"), "{err}");
 }
+
+/// A file that cannot be read is an error (exit 1), worded as in `apply` and `check`.
+#[test]
+fn t_inspect_missing_file_is_an_error_worded_like_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("missing.so");
+    let (out, err, code) = inspect(&p);
+    assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
+    assert!(
+        err.contains(&format!(
+            "cannot read the patch file {}: No such file or directory",
+            p.display()
+        )),
+        "{err}"
+    );
+}

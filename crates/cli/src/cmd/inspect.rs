@@ -63,7 +63,7 @@ pub fn render(m: &Manifest) -> String {
 
 pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
     let bytes = std::fs::read(&args.patch)
-        .with_context(|| format!("cannot read patch file {}", args.patch.display()))?;
+        .with_context(|| format!("cannot read the patch file {}", args.patch.display()))?;
     let m = read_manifest(&bytes)
         // A file that is not a patch is a refusal (exit 3), as in `apply` and `check`.
         .map_err(|e| {

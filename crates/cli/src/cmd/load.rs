@@ -57,7 +57,7 @@ fn label_of(patch: &std::path::Path) -> String {
 
 pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
     let bytes = std::fs::read(&args.patch)
-        .with_context(|| format!("cannot read patch file {}", args.patch.display()))?;
+        .with_context(|| format!("cannot read the patch file {}", args.patch.display()))?;
     let ensured = ensure_agent_with_spinner(args.pid, Duration::from_millis(args.timeout_ms))
         .with_context(|| format!("cannot get the relive agent into pid {}", args.pid))?;
     let mut c = AgentConn::open(ensured.location(), Duration::from_secs(5)).map_err(anyhow::Error::new)?;
