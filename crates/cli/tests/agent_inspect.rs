@@ -182,7 +182,13 @@ fn t_d4_9_inspect_not_elf_or_not_patch() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("notes.txt");
     std::fs::write(&p, "hello").unwrap();
-    assert_error(&p, "not an ELF file");
+    assert_error(
+        &p,
+        "not an ELF file (starts with 68 65 6c 6c, expected 7f 45 4c 46)",
+    );
+    let p = dir.path().join("empty.so");
+    std::fs::write(&p, "").unwrap();
+    assert_error(&p, "not an ELF file (the file is empty)");
     // An ELF file without a manifest: the agent itself.
     let agent = std::env::current_exe()
         .unwrap()

@@ -96,7 +96,7 @@ pub struct ImportDecl {
 /// Why a manifest could not be read. Each message names the problem precisely.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
-    #[error("not an ELF file (starts with {magic:02x?}, expected 7f 45 4c 46): pass the patch's .so")]
+    #[error("not an ELF file ({}): pass the patch's .so", not_elf_detail(magic))]
     NotElf { magic: Vec<u8> },
     #[error("the ELF file is truncated or corrupt: {detail}; rebuild the patch")]
     BadElf { detail: String },
@@ -140,6 +140,15 @@ pub enum ManifestError {
         first: String,
         second: String,
     },
+}
+
+/// "starts with 68 65 6c 6c, expected 7f 45 4c 46", or "the file is empty".
+fn not_elf_detail(magic: &[u8]) -> String {
+    if magic.is_empty() {
+        return "the file is empty".into();
+    }
+    let hex: Vec<String> = magic.iter().map(|b| format!("{b:02x}")).collect();
+    format!("starts with {}, expected 7f 45 4c 46", hex.join(" "))
 }
 
 /// Reads the manifest of a patch file from its bytes.
@@ -492,6 +501,18 @@ import object=exe name=secret sympos=1 slot=p_secret\n\0";
             read_manifest(b"#!/bin/sh\n"),
             Err(ManifestError::NotElf { .. })
         ));
+        assert_eq!(
+            read_manifest(b"hello").unwrap_err().to_string(),
+            "not an ELF file (starts with 68 65 6c 6c, expected 7f 45 4c 46): pass the patch's .so"
+        );
+        assert_eq!(
+            read_manifest(b"\x01").unwrap_err().to_string(),
+            "not an ELF file (starts with 01, expected 7f 45 4c 46): pass the patch's .so"
+        );
+        assert_eq!(
+            read_manifest(b"").unwrap_err().to_string(),
+            "not an ELF file (the file is empty): pass the patch's .so"
+        );
         assert!(matches!(
             read_manifest(b"\x7fELF\x02\x01"),
             Err(ManifestError::BadElf { .. })
