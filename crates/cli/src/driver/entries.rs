@@ -349,10 +349,7 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             Err(why) => tracing::info!(pid, "stop-free entry write not possible: {why}"),
         }
     }
-    progress.step(&format!(
-        "writing {} entries under one stop of every thread",
-        b.writes.len()
-    ));
+    progress.step(&writing_under_one_stop(b.writes.len()));
     let needs_full_check = b.writes.iter().any(|(_, w)| !w.stop_free);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempts = 0u32;
@@ -636,4 +633,25 @@ fn retire_stubs_where(
         s.doc.entries.retain(|x| x.stub != e.stub);
     }
     Ok(true)
+}
+
+/// The progress line of a stop-all entry write: "writing 1 entry …", "writing 2 entries …".
+fn writing_under_one_stop(n: usize) -> String {
+    let noun = if n == 1 { "entry" } else { "entries" };
+    format!("writing {n} {noun} under one stop of every thread")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_entry_is_singular() {
+        assert_eq!(
+            super::writing_under_one_stop(1),
+            "writing 1 entry under one stop of every thread"
+        );
+        assert_eq!(
+            super::writing_under_one_stop(2),
+            "writing 2 entries under one stop of every thread"
+        );
+    }
 }
