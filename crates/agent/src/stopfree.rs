@@ -186,7 +186,7 @@ fn tracer_pid() -> i32 {
 }
 
 /// The threads of this process and their blocked-signal masks, from /proc/self/task/*/stat. A thread
-/// that blocks SIGTRAP is read again for up to about 2 ms: glibc blocks every signal for a few instructions
+/// that blocks SIGTRAP is read again for up to 20 ms: glibc blocks every signal for a few instructions
 /// by raw syscall (pthread_kill, pthread_create, posix_spawn) without running application code meanwhile,
 /// and only a thread that keeps SIGTRAP blocked is reported as blocking it.
 fn threads(vouched: &[i32]) -> Result<Vec<(i32, u64)>, String> {
@@ -209,9 +209,11 @@ fn threads(vouched: &[i32]) -> Result<Vec<(i32, u64)>, String> {
         let Some(mut blk) = thread_blocked(&task, tid, &mut buf) else {
             continue;
         };
-        let mut tries = 0;
-        while tid != me && blk & int3::sigbit(libc::SIGTRAP) != 0 && tries < 20 {
-            tries += 1;
+        // Up to 20 ms: a thread preempted inside glibc's all-blocked window (pthread_kill) can stay there
+        // for a whole time slice of a loaded CPU (HZ 250: 4 ms and more), longer than the 2 ms this waited
+        // before. A thread that really keeps SIGTRAP blocked costs these 20 ms once, before the fallback.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
+        while tid != me && blk & int3::sigbit(libc::SIGTRAP) != 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_micros(100));
             blk = thread_blocked(&task, tid, &mut buf).unwrap_or(0);
         }
