@@ -75,19 +75,6 @@ fn main() {
         let raised = relive_proc::sched::raise_to_realtime();
         tracing::debug!("real-time priority for this command: {raised}");
     }
-    // The instruction decoder's and encoder's tables take about 1.4 ms to build on first use: build them on
-    // a second thread (at the priority just chosen) while this one reads the patch, the target's modules
-    // and the registry, which comes first.
-    if matches!(
-        cli.command,
-        Command::Apply(_)
-            | Command::Disable(_)
-            | Command::Transition(_)
-            | Command::Force(_)
-            | Command::Check(_)
-    ) {
-        std::thread::spawn(relive_x86::warm_up);
-    }
     let result = match cli.command {
         Command::Stacks(args) => cmd::stacks::run(&ctx, args),
         Command::Inspect(args) => cmd::inspect::run(&ctx, args),

@@ -94,22 +94,3 @@ pub use stub::{
 
 /// Re-exported so that callers can name decoded instructions (e.g. [`EntryKind::Displaced`]).
 pub use iced_x86::Instruction;
-
-/// Builds iced-x86's decoder and encoder tables now. They are built on first use in a process and cost
-/// about 0.7 ms each here, a third of a one-thread `relive apply`'s own work; `relive` calls this on a
-/// second thread at start, while the first reads the patch, the target's modules and the registry.
-/// Returns whether both the decode and the re-encode of its sample went through.
-pub fn warm_up() -> bool {
-    // push rbp; mov rbp, rsp; pop rbp; ret
-    let code = [0x55u8, 0x48, 0x89, 0xe5, 0x5d, 0xc3];
-    decode_all(0x1000, &code).is_ok_and(|ins| ins.len() == 4 && relocate(&ins, 0x2000, None).is_ok())
-}
-
-#[cfg(test)]
-mod warm_up_tests {
-    #[test]
-    fn warm_up_decodes_and_encodes_its_sample() {
-        assert!(super::warm_up());
-        assert!(super::warm_up(), "a second call, on built tables");
-    }
-}
