@@ -108,6 +108,8 @@ struct Run {
     windows: Vec<u64>,
     /// Stop-free (int3) entry-write windows, µs: no thread stopped.
     int3_windows: Vec<u64>,
+    /// relive's `stop_wait_us` (median, p99, max): from the interrupt to the start of a thread's handling.
+    stop_wait: (u64, u64, u64),
 }
 
 fn run(t: &mut Target, args: &[&str]) -> Run {
@@ -137,7 +139,9 @@ fn run(t: &mut Target, args: &[&str]) -> Run {
             windows.push(us);
         }
     }
+    let sw = |i: usize| j["stop_wait_us"][i].as_u64().unwrap_or(0);
     Run {
+        stop_wait: (sw(0), sw(1), sw(2)),
         wall_ms,
         transition_ms: j["transition_ms"].as_f64().unwrap(),
         thread_pause_ms,
@@ -167,9 +171,9 @@ fn main() {
         .max(1);
     println!("{reps} apply/revert cycles per scenario; medians over them (max in brackets)\n");
     println!(
-        "| scenario | op | wall ms | transition ms | longest pause ms (control) | stop-all windows µs (median / max) | int3 windows µs (median / max), no thread stopped | per-thread pause µs (median / p99 / max) | libpulp apply wall / longest pause | libpulp ÷ relive (wall, pause) |"
+        "| scenario | op | wall ms | transition ms | longest pause ms (control) | stop-all windows µs (median / max) | int3 windows µs (median / max), no thread stopped | per-thread pause µs (median / p99 / max) | wait stopped before handling µs (median / max) | libpulp apply wall / longest pause | libpulp ÷ relive (wall, pause) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     // libpulp's published numbers (issue 5): apply wall and longest pause, ms.
     let scenarios: [(&str, Vec<&str>, (f64, f64)); 4] = [
         ("1 thread", vec!["--busy", "1"], (5.98, 1.84)),
@@ -247,8 +251,10 @@ fn main() {
                 .collect();
             let win3_max = win3.iter().copied().fold(0.0, f64::max);
             let (w, pz) = (med(&mut wall), med(&mut pause));
+            let mut sw_med: Vec<f64> = rs.iter().map(|r| r.stop_wait.0 as f64).collect();
+            let sw_max = rs.iter().map(|r| r.stop_wait.2).max().unwrap_or(0);
             println!(
-                "| {name} | {op} | {w:.1} [{wall_max:.1}] | {:.1} | {pz:.2} [{pause_max:.2}] ({:.2}) | {:.0} / {win_max:.0} | {:.0} / {win3_max:.0} | {} / {} / {} | {} | {} |",
+                "| {name} | {op} | {w:.1} [{wall_max:.1}] | {:.1} | {pz:.2} [{pause_max:.2}] ({:.2}) | {:.0} / {win_max:.0} | {:.0} / {win3_max:.0} | {} / {} / {} | {:.0} / {sw_max} | {} | {} |",
                 med(&mut tr),
                 med(&mut control),
                 if win.is_empty() { 0.0 } else { med(&mut win) },
@@ -256,6 +262,7 @@ fn main() {
                 q(0.5),
                 q(0.99),
                 ps.last().copied().unwrap_or(0),
+                med(&mut sw_med),
                 if op == "apply" {
                     format!("{pulp_wall} ms / {pulp_pause} ms")
                 } else {
