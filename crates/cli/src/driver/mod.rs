@@ -484,12 +484,10 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     session::ensure_process(pid)?;
     // DESIGN §1: nothing in the target changes before every check has passed. Without an agent, run the
     // checks read-only first (as `relive check` does), so a refused patch does not even inject the agent.
-    if relive_proc::process_exists(pid)
-        && matches!(
-            relive_proc::agent::find_agent(pid),
-            Err(relive_proc::agent::AgentError::NotLoaded { .. })
-        )
-    {
+    if matches!(
+        relive_proc::agent::find_agent(pid),
+        Err(relive_proc::agent::AgentError::NotLoaded { .. })
+    ) {
         let image = relive_proc::ProcessImage::load(pid, &relive_proc::ImageOptions::default())
             .map_err(|e| session::proc_err(pid, "cannot map modules", e))?;
         let p = patchfile::prepare_with(pid, &image, &doc::Doc::default(), &pf, opts.allow_stacking);

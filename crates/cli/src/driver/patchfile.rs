@@ -468,30 +468,30 @@ pub fn prepare_with(
                     doc.model.patches().len()
                 ),
             }),
-            // The same build already active: apply answers "already active" and changes nothing.
-            Err(relive_core::Error::AlreadyExists { .. })
-                if other_build_of_active(image, doc, pf).is_none() =>
-            {
-                p.already_active = true;
-                p.general.push(Verdict {
-                    what: "conflicts, states, busy (L1, K5, ST3)".into(),
-                    ok: true,
-                    detail: format!(
-                        "patch {} is already active in pid {pid}: apply would do nothing",
-                        pf.name
-                    ),
-                });
-            }
-            Err(relive_core::Error::AlreadyExists { .. }) => {
-                let active = other_build_of_active(image, doc, pf).unwrap_or_default();
-                let msg = other_build_message(pid, pf, &active);
-                p.general.push(Verdict {
-                    what: "conflicts, states, busy (L1, K5, ST3)".into(),
-                    ok: false,
-                    detail: msg.clone(),
-                });
-                p.problems.push((String::new(), msg));
-            }
+            // The same build already active: apply answers "already active" and changes nothing; another
+            // build under the same name is refused.
+            Err(relive_core::Error::AlreadyExists { .. }) => match other_build_of_active(image, doc, pf) {
+                None => {
+                    p.already_active = true;
+                    p.general.push(Verdict {
+                        what: "conflicts, states, busy (L1, K5, ST3)".into(),
+                        ok: true,
+                        detail: format!(
+                            "patch {} is already active in pid {pid}: apply would do nothing",
+                            pf.name
+                        ),
+                    });
+                }
+                Some(active) => {
+                    let msg = other_build_message(pid, pf, &active);
+                    p.general.push(Verdict {
+                        what: "conflicts, states, busy (L1, K5, ST3)".into(),
+                        ok: false,
+                        detail: msg.clone(),
+                    });
+                    p.problems.push((String::new(), msg));
+                }
+            },
             Err(e) => {
                 let msg = format!("pid {pid}: {e}");
                 p.general.push(Verdict {
