@@ -46,7 +46,37 @@ fn set_channel(c: Channel) {
 }
 
 fn preloaded() -> bool {
-    std::env::var_os("LD_PRELOAD").is_some_and(|v| v.to_string_lossy().contains(relive_abi::AGENT_FILE_NAME))
+    let Some(pre) = std::env::var_os("LD_PRELOAD") else {
+        return false;
+    };
+    let pre = pre.to_string_lossy();
+    if pre.contains(relive_abi::AGENT_FILE_NAME) {
+        return true;
+    }
+    // Preloaded under another file name (a package may install it so): compare with the file this library
+    // was loaded from.
+    let Some(own) = own_path() else {
+        return false;
+    };
+    let name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_owned();
+    pre.split([' ', ':'])
+        .any(|e| !e.is_empty() && (e == own || name(e) == name(&own)))
+}
+
+/// The path this library was loaded from (`dladdr` of one of its functions).
+fn own_path() -> Option<String> {
+    // SAFETY: Dl_info is plain data dladdr fills; the address is of a function of this library.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; dladdr only reads the address and writes `info`.
+    if unsafe { libc::dladdr(own_path as *const libc::c_void, &mut info) } == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated string owned by the dynamic loader, valid while the library is.
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// Creates the channel and the service thread, and publishes both in the registry.

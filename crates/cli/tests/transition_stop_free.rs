@@ -253,3 +253,45 @@ fn serial_t_issue5_agent_drops_the_boost_of_a_killed_controller() {
     let st = t.wait_workers(1);
     assert_eq!(num(&st, "mix"), 0, "{st:?}");
 }
+
+/// An agent preloaded under another file name (a package may install it so) is the agent: apply finds it
+/// by its exported registry instead of injecting a second copy (which then failed with "mapped but its
+/// constructor has not run yet"), and the agent knows it was preloaded, so entries are written stop-free.
+#[test]
+fn serial_t_issue5_an_agent_preloaded_under_another_name_is_found() {
+    let dir = std::env::temp_dir().join(format!("relive-renamed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let renamed = dir.join("agent.so");
+    std::fs::copy(agent(), &renamed).unwrap();
+    let exe = relive_testkit::compile_c(
+        "transition_oracle",
+        &["transition_oracle.c"],
+        &[TARGET_FLAGS, &["-DHOTPATCH"]].concat(),
+    );
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--duty", "200"])
+        .env("LD_PRELOAD", &renamed)
+        .stdin(std::process::Stdio::piped());
+    let child = relive_testkit::spawn_guarded(cmd, "oracle ready", std::time::Duration::from_secs(20))
+        .expect("start the oracle");
+    let mut t = Target { child, seen: vec![] };
+    let pid = t.pid().to_string();
+    let st = json(&ok(&["--json", "status", &pid]));
+    assert_eq!(st["agent"]["preloaded"], true, "{st}");
+    let a = patch("renamed", &["VERSION=2"]);
+    let o = ok(&["--json", "apply", &pid, a.to_str().unwrap()]);
+    let j = expect_windows(&o, "int3", "apply");
+    assert_eq!(j["agent_injected"], false, "{j}");
+    let agents: std::collections::BTreeSet<String> = t
+        .maps()
+        .lines()
+        .filter(|l| l.contains("agent"))
+        .filter_map(|l| l.split_whitespace().nth(5).map(String::from))
+        .collect();
+    assert_eq!(agents.len(), 1, "one agent library mapped: {agents:?}");
+    assert_eq!(num(&t.wait_workers(2), "mix"), 0);
+    ok(&["disable", &pid, "renamed"]);
+    t.wait_workers(1);
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -262,8 +262,8 @@ pub fn find_agent(pid: i32) -> Result<AgentLocation> {
     // /proc/PID/maps is read in chunks and may skip a line while the target changes its mappings
     // (malloc's mmap/munmap): a miss is confirmed by two more reads.
     let mut last = Err(AgentError::NotLoaded { pid });
-    for _ in 0..3 {
-        last = find_agent_once(pid);
+    for attempt in 0..3 {
+        last = find_agent_once(pid, attempt == 2);
         if !matches!(last, Err(AgentError::NotLoaded { .. })) {
             break;
         }
@@ -271,21 +271,35 @@ pub fn find_agent(pid: i32) -> Result<AgentLocation> {
     last
 }
 
-fn find_agent_once(pid: i32) -> Result<AgentLocation> {
+/// Looks for the agent among the objects whose name looks like it; with `any_name`, then among every
+/// other mapped file too (an agent preloaded under another name, e.g. by a distribution's package, would
+/// otherwise be missed and a second copy injected).
+fn find_agent_once(pid: i32, any_name: bool) -> Result<AgentLocation> {
     let maps = read_maps(pid)?;
     let mut seen = Vec::new();
-    for m in &maps {
-        if m.offset != 0 || !looks_like_agent(&m.path) || seen.contains(&m.path) {
-            continue;
+    for pass in [false, true] {
+        if pass && !any_name {
+            break;
         }
-        seen.push(m.path.clone());
-        let f = mapped_file(pid, &maps, &m.path)?;
-        if let Some(addr) = dynsym_addr(&f, relive_abi::REGISTRY_SYMBOL) {
-            return Ok(AgentLocation {
-                pid,
-                path: m.path.clone(),
-                registry_addr: addr,
-            });
+        for m in &maps {
+            let named = looks_like_agent(&m.path);
+            if m.offset != 0 || !m.path.starts_with('/') || named == pass || seen.contains(&m.path) {
+                continue;
+            }
+            seen.push(m.path.clone());
+            let f = match mapped_file(pid, &maps, &m.path) {
+                Ok(f) => f,
+                // A file relive cannot open (deleted, another namespace) is not the agent it looks for.
+                Err(_) if pass => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(addr) = dynsym_addr(&f, relive_abi::REGISTRY_SYMBOL) {
+                return Ok(AgentLocation {
+                    pid,
+                    path: m.path.clone(),
+                    registry_addr: addr,
+                });
+            }
         }
     }
     Err(AgentError::NotLoaded { pid })
