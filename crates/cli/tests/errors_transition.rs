@@ -90,6 +90,18 @@ fn serial_t_issue7_apply_refusals_leave_target_unchanged() {
         3,
         &["build-id", "0123456789abcdef", &pid],
     );
+    // check refuses it too, and does not call the functions of the refused object "ok".
+    let o = relive(&["--json", "check", &pid, p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let funcs = j["funcs"].as_array().unwrap();
+    assert!(!funcs.is_empty(), "{j}");
+    assert!(
+        funcs
+            .iter()
+            .all(|f| f["ok"] == false && f["details"][0].as_str().unwrap().contains("not checked")),
+        "{j}"
+    );
     // The right build-id is accepted by check.
     let good = patch("rightbid", &[&format!("BUILD_ID={}", build_id_hex(&exe))]);
     let o = relive(&["check", &pid, good.to_str().unwrap()]);

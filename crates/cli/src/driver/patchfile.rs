@@ -803,8 +803,24 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
     general.extend(p.general.iter().cloned());
     let mut funcs: Vec<FuncVerdict> = vec![];
     for decl in &pf.manifest.objects {
+        // An object refused as a whole (a wrong build-id) has its funcs left unchecked: not "ok".
+        let object_refused = p
+            .problems
+            .iter()
+            .any(|(w, _)| *w == format!("object {}", decl.name));
         for f in &decl.funcs {
             let label = format!("{}:{}", decl.name, f.old);
+            if object_refused {
+                funcs.push(FuncVerdict {
+                    func: label,
+                    ok: false,
+                    details: vec![format!(
+                        "not checked: object {} is refused (see above)",
+                        decl.name
+                    )],
+                });
+                continue;
+            }
             let mut details: Vec<String> = p
                 .func_notes
                 .iter()
