@@ -278,6 +278,16 @@ fn serial_t_issue5_an_agent_preloaded_under_another_name_is_found() {
     let pid = t.pid().to_string();
     let st = json(&ok(&["--json", "status", &pid]));
     assert_eq!(st["agent"]["preloaded"], true, "{st}");
+    // `relive status` without a pid lists it too.
+    let all = json(&ok(&["--json", "status"]));
+    assert!(
+        all["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pid"].to_string() == pid),
+        "{all}"
+    );
     let a = patch("renamed", &["VERSION=2"]);
     let o = ok(&["--json", "apply", &pid, a.to_str().unwrap()]);
     let j = expect_windows(&o, "int3", "apply");

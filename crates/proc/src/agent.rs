@@ -402,6 +402,7 @@ pub fn processes_with_agent() -> AgentScan {
         return scan;
     };
     let me = std::process::id() as i32;
+    let mut exports: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -417,10 +418,24 @@ pub fn processes_with_agent() -> AgentScan {
             }
             Err(_) => continue,
         };
-        if !text
-            .lines()
-            .any(|l| looks_like_agent(l.rsplit(' ').next().unwrap_or("")))
-        {
+        // The agent by its file name, or (preloaded under another name) by the registry symbol a mapped file
+        // exports; each distinct file is looked at once per scan (every process maps libc).
+        let maps = parse_maps_text(&text);
+        let has_agent = maps.iter().any(|m| {
+            if m.offset != 0 || !m.path.starts_with('/') {
+                return false;
+            }
+            if looks_like_agent(&m.path) {
+                return true;
+            }
+            *exports.entry(m.path.clone()).or_insert_with(|| {
+                mapped_file(pid, &maps, &m.path)
+                    .ok()
+                    .and_then(|f| dynsym_addr(&f, relive_abi::REGISTRY_SYMBOL))
+                    .is_some()
+            })
+        });
+        if !has_agent {
             continue;
         }
         if let Ok(loc) = find_agent(pid) {
