@@ -285,7 +285,7 @@ fn serial_t_issue5_an_agent_preloaded_under_another_name_is_found() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p["pid"].to_string() == pid),
+            .any(|p| p["pid"].as_i64() == Some(t.pid() as i64)),
         "{all}"
     );
     let a = patch("renamed", &["VERSION=2"]);
