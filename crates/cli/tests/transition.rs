@@ -276,3 +276,33 @@ fn serial_t_issue5_apply_injects_the_agent_when_absent() {
     let s = t.wait_workers(1);
     assert_eq!(num(&s, "mix"), 0);
 }
+
+/// Issue 5 test 1 with `RELIVE_STOP_WINDOW=2` (docs/FAQ.md): threads are asked to stop two at a time ahead
+/// of the one being handled instead of all at once (waits through SIGCHLD, oldest first). Every cycle
+/// completes, every thread reaches each version, the mix count stays zero, with signals interrupting the
+/// workers meanwhile.
+#[test]
+fn serial_t_issue5_1_consistency_oracle_with_a_stop_window_of_2() {
+    let mut t = oracle(&["--duty", "200", "--signals"]);
+    let pid = t.pid().to_string();
+    let a = patch("win", &["VERSION=2"]);
+    let a = a.to_str().unwrap();
+    let env = [("RELIVE_STOP_WINDOW", "2")];
+    let run = |args: &[&str]| {
+        let o = relive_env(args, &env);
+        assert_eq!(o.status.code(), Some(0), "relive {args:?}: {}", text(&o));
+        o
+    };
+    for i in 0..env_count("RELIVE_ORACLE_CYCLES", 30) {
+        let o = run(&["--json", "apply", &pid, a]);
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["outcome"], "completed", "cycle {i}: {j}");
+        assert!(j["stop_wait_us"].is_array(), "cycle {i}: {j}");
+        let s = t.wait_workers(2);
+        assert_eq!(num(&s, "mix"), 0, "cycle {i}: mix after apply: {s:?}");
+        run(&["disable", &pid, "win"]);
+        let s = t.wait_workers(1);
+        assert_eq!(num(&s, "mix"), 0, "cycle {i}: mix after disable: {s:?}");
+        assert!(t.alive(), "the target died in cycle {i}");
+    }
+}
