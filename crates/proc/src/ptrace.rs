@@ -712,7 +712,7 @@ fn wait_sigchld(timeout: std::time::Duration) {
 /// is a scheduling delay, the price of stopping it again later. A signal that
 /// arrives during a step ends the stepping: the thread is resumed with that signal and not handed back.
 /// Returns the threads that exited meanwhile. Only these threads stop; the rest of the process runs on.
-/// Threads are asked all at once, or at most [`stop_window`] ahead of the one being handled.
+/// Threads are asked all at once, or at most `RELIVE_STOP_WINDOW` ahead of the one being handled.
 /// (Added by the transition driver; waits with `waitpid`, ignoring other children's events.)
 pub fn stop_each(
     pid: i32,
