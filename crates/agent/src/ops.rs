@@ -410,23 +410,25 @@ fn map_stubs(st: &mut State, near: u64, len: u64) -> Response {
     )
 }
 
+/// Whether process `pid` exists (signal 0 checks existence; EPERM means it exists under another user).
+pub fn process_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only checks for existence.
+    (unsafe { libc::kill(pid as i32, 0) } == 0) || errno() == libc::EPERM
+}
+
 fn lock(owner: u32) -> Response {
     let Some(mut h) = crate::registry::header() else {
         return err(libc::EIO, "registry not initialised".into());
     };
-    if h.lock_owner != 0 && h.lock_owner != owner {
-        // SAFETY: kill with signal 0 only checks for existence.
-        let alive = unsafe { libc::kill(h.lock_owner as i32, 0) } == 0 || errno() == libc::EPERM;
-        if alive {
-            return err(
-                libc::EBUSY,
-                format!(
-                    "another relive (pid {}) holds the controller lock of pid {}; wait for it to finish",
-                    h.lock_owner,
-                    std::process::id()
-                ),
-            );
-        }
+    if h.lock_owner != 0 && h.lock_owner != owner && process_alive(h.lock_owner) {
+        return err(
+            libc::EBUSY,
+            format!(
+                "another relive (pid {}) holds the controller lock of pid {}; wait for it to finish",
+                h.lock_owner,
+                std::process::id()
+            ),
+        );
     }
     h.lock_owner = owner;
     let mut ts = libc::timespec {

@@ -44,11 +44,7 @@ fn boosted() -> bool {
 /// holds the controller lock (a relive killed mid-session never restores the policy itself).
 fn drop_orphaned_boost() {
     let owner = crate::registry::header().map_or(0, |h| h.lock_owner);
-    // SAFETY: kill with signal 0 only checks for existence.
-    let alive = owner != 0
-        && (unsafe { libc::kill(owner as i32, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
-    if alive {
+    if owner != 0 && crate::ops::process_alive(owner) {
         return;
     }
     let p = libc::sched_param {

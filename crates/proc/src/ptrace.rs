@@ -665,15 +665,24 @@ fn probe_oldest(waiting: &[i32], stepping: &[StoppedThread], status: &mut i32) -
 /// for [`wait_sigchld`] (its default disposition would discard it).
 struct SigchldBlocked(libc::sigset_t);
 
+/// The signal set {SIGCHLD}.
+fn sigchld_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        set
+    }
+}
+
 impl SigchldBlocked {
     fn new() -> SigchldBlocked {
-        // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise; pthread_sigmask reads `set`
-        // and writes the previous mask into `old`, both valid locals.
+        let set = sigchld_set();
+        // SAFETY: sigset_t is plain data; pthread_sigmask reads `set` and writes the previous mask into
+        // `old`, both valid locals.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGCHLD);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
             SigchldBlocked(old)
         }
@@ -694,14 +703,9 @@ fn wait_sigchld(timeout: std::time::Duration) {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: as in SigchldBlocked::new for the set; sigtimedwait reads `set` and `ts` and writes no
-    // siginfo (null).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
-    }
+    let set = sigchld_set();
+    // SAFETY: sigtimedwait reads `set` and `ts`, valid locals, and writes no siginfo (null).
+    unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
 }
 
 /// Stops the threads `tids` of `pid` together and hands each one to `each` as soon as it stops, so that a
