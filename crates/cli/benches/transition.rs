@@ -190,8 +190,10 @@ fn main() {
         v[v.len() / 2]
     };
     let mut all_pauses = vec![];
-    for (name, args, (pulp_wall, pulp_pause)) in scenarios {
-        let mut t = Target::start(&args);
+    let mut control_2_98: Vec<f64> = vec![];
+    for (name, args, (pulp_wall, pulp_pause)) in &scenarios {
+        let (name, pulp_wall, pulp_pause) = (*name, *pulp_wall, *pulp_pause);
+        let mut t = Target::start(args);
         let pid = t.pid();
         let mut runs: [Vec<Run>; 2] = [vec![], vec![]];
         for _ in 0..reps {
@@ -236,6 +238,9 @@ fn main() {
                 })
                 .collect();
             let mut control: Vec<f64> = rs.iter().map(|r| r.control_ms).collect();
+            if args.contains(&"--nap") && op == "apply" {
+                control_2_98 = control.clone();
+            }
             let mut win: Vec<f64> = rs
                 .iter()
                 .flat_map(|r| r.windows.iter().map(|w| *w as f64))
@@ -285,6 +290,7 @@ fn main() {
         all_pauses.last().unwrap(),
         all_pauses.len()
     );
+    floors(reps, &control_2_98);
     // Stop-all window and completion time with N threads not inside patched code.
     println!(
         "\n| threads not in patched code | stop-all windows µs | int3 windows µs (no thread stopped) | transition ms (init → complete) |"
@@ -333,4 +339,95 @@ fn main() {
         );
     }
     println!("\nlibpulp adds 0.87 ns per patched call.");
+}
+
+/// The floors under issue 5's targets (libpulp's figure ÷ 5), measured in this run: what no `relive` command
+/// can go below on this machine, whatever relive does inside.
+/// - Process start and exit: `/bin/true`, and `relive --version`, spawned as the table spawns `relive`.
+/// - The ptrace floor of a per-thread transition (tests/targets/ptrace_floor.c): seize 1,000 blocked threads,
+///   interrupt them all, read each one's registers as it stops, resume it. No unwinding, no state write.
+/// - The longest gap of a busy thread in the 2 busy + 98 napping target while relive does nothing (the
+///   table's control column for that scenario).
+fn floors(reps: usize, control_2_98: &[f64]) {
+    let med = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let spawn_ms = |cmd: &mut Command| {
+        let t0 = Instant::now();
+        let o = cmd.output().expect("spawn");
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    let n = (reps * 4).max(10);
+    let (mut tr, mut rv) = (vec![], vec![]);
+    for _ in 0..n {
+        tr.push(spawn_ms(&mut Command::new("true")));
+        rv.push(spawn_ms(
+            Command::new(env!("CARGO_BIN_EXE_relive")).arg("--version"),
+        ));
+    }
+    let floor = compile_c("ptrace_floor", &["ptrace_floor.c"], &["-O2", "-g"]);
+    let t = Target::start(&["--blocked", "1000"]);
+    let (mut inner, mut whole) = (vec![], vec![]);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let o = Command::new(&floor)
+            .arg(t.pid())
+            .output()
+            .expect("run ptrace_floor");
+        whole.push(t0.elapsed().as_secs_f64() * 1e3);
+        let line = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "ptrace_floor: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        inner.push(
+            ["list_ms", "seize_ms", "stop_ms"]
+                .iter()
+                .map(|k| Target::field(&line, k))
+                .sum(),
+        );
+    }
+    drop(t);
+    println!(
+        "\n| floor measured in this run (median) | ms | issue 5 target (libpulp ÷ 5) ms | floor ÷ target |"
+    );
+    println!("|---|---|---|---|");
+    let row = |what: &str, floor: f64, target: f64| {
+        println!("| {what} | {floor:.2} | {target:.2} | {:.1}× |", floor / target);
+    };
+    let start = med(tr);
+    row(
+        "start and exit of `/bin/true` (1 thread: apply wall)",
+        start,
+        5.98 / 5.0,
+    );
+    row(
+        "start and exit of `relive --version` (1 thread: apply wall)",
+        med(rv),
+        5.98 / 5.0,
+    );
+    row(
+        "ptrace: seize, interrupt, read registers, resume 1,000 blocked threads, inside one process (1,000 blocked: apply wall)",
+        med(inner.clone()),
+        68.0 / 5.0,
+    );
+    row(
+        "the same, plus that process's start and exit (1,000 blocked: apply wall)",
+        med(whole),
+        68.0 / 5.0,
+    );
+    if !control_2_98.is_empty() {
+        row(
+            "longest gap of a busy thread, 2 busy + 98 napping, relive idle (control) (longest pause)",
+            med(control_2_98.to_vec()),
+            6.8 / 5.0,
+        );
+    }
 }
