@@ -27,22 +27,24 @@ pub enum ProcError {
         hint: String,
     },
     /// Reading or writing target memory failed at an address (unmapped or protected).
-    #[error("cannot {op} {len} bytes at {addr:#x} in pid {pid}: {source} (is the address mapped{}?)",
+    #[error("cannot {op} {len} bytes at {addr:#x} in pid {pid}: {err} (is the address mapped{}?)",
         if *op == "write" { " and writable" } else { "" })]
     Memory {
         pid: i32,
         addr: u64,
         len: usize,
         op: &'static str,
-        source: io::Error,
+        /// In the message only, not a `source()`: anyhow's `{:#}` would print it twice.
+        err: io::Error,
     },
     /// Any other OS error.
-    #[error("{} failed for {}: {source}", op_text(op, *pid, *tid), who(*pid, *tid))]
+    #[error("{} failed for {}: {err}", op_text(op, *pid, *tid), who(*pid, *tid))]
     Os {
         pid: i32,
         tid: Option<i32>,
         op: &'static str,
-        source: io::Error,
+        /// In the message only, as for `Memory`.
+        err: io::Error,
     },
     /// The target's state was not what relive expected (e.g. an unexpected wait status).
     #[error("{}: {detail}", who(*pid, *tid))]
@@ -88,7 +90,12 @@ impl ProcError {
                 hint: permission_hint_for(pid, tid),
             },
             Some(libc::ENOENT) if !process_exists(pid) => ProcError::NoSuchProcess { pid },
-            _ => ProcError::Os { pid, tid, op, source },
+            _ => ProcError::Os {
+                pid,
+                tid,
+                op,
+                err: source,
+            },
         }
     }
 
@@ -402,5 +409,31 @@ mod tests {
             std::error::Error::source(&e).is_none(),
             "the OS error is in the message, not again in the chain"
         );
+    }
+
+    /// Memory and other OS errors name the OS error once, in the message: it is not also their `source()`,
+    /// which anyhow's `{:#}` (the CLI's error output) would print again.
+    #[test]
+    fn os_and_memory_errors_name_the_os_error_once() {
+        let errs = [
+            ProcError::Os {
+                pid: 42,
+                tid: None,
+                op: "PTRACE_SEIZE",
+                err: io::Error::from_raw_os_error(libc::EBUSY),
+            },
+            ProcError::Memory {
+                pid: 42,
+                addr: 0x1000,
+                len: 8,
+                op: "read",
+                err: io::Error::from_raw_os_error(libc::EFAULT),
+            },
+        ];
+        for e in errs {
+            let m = e.to_string();
+            assert_eq!(m.matches("os error").count(), 1, "{m}");
+            assert!(std::error::Error::source(&e).is_none(), "{m}");
+        }
     }
 }

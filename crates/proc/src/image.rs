@@ -166,7 +166,7 @@ fn read_module_bytes(pid: i32, m: &ModuleMapping) -> Result<(FileBytes, BytesFro
             pid,
             tid: None,
             op: "read a deleted mapped file through /proc/PID/map_files (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE; run relive as root)",
-            source: std::io::Error::from_raw_os_error(libc::EPERM),
+            err: std::io::Error::from_raw_os_error(libc::EPERM),
         });
     }
     let via_root = format!("/proc/{pid}/root{}", m.path);

@@ -79,7 +79,7 @@ fn mem_err(pid: i32, addr: u64, len: usize, op: &'static str, e: io::Error) -> P
             addr,
             len,
             op,
-            source: e,
+            err: e,
         },
         _ => ProcError::from_os(
             pid,
@@ -125,7 +125,7 @@ fn whole(pid: i32, addr: u64, n: usize, len: usize, op: &'static str) -> Result<
             addr: addr + n as u64,
             len: len - n,
             op,
-            source: io::Error::from_raw_os_error(libc::EFAULT),
+            err: io::Error::from_raw_os_error(libc::EFAULT),
         });
     }
     Ok(())
@@ -159,7 +159,7 @@ pub fn write_code(pid: i32, addr: u64, bytes: &[u8]) -> Result<()> {
             addr,
             len: bytes.len(),
             op: "write",
-            source: e,
+            err: e,
         },
         _ => ProcError::from_os(pid, None, "pwrite /proc/PID/mem", e),
     })?;
@@ -169,7 +169,7 @@ pub fn write_code(pid: i32, addr: u64, bytes: &[u8]) -> Result<()> {
             addr: addr + n as u64,
             len: bytes.len() - n,
             op: "write",
-            source: io::Error::from_raw_os_error(libc::EIO),
+            err: io::Error::from_raw_os_error(libc::EIO),
         });
     }
     Ok(())

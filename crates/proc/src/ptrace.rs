@@ -282,7 +282,7 @@ impl StoppedThread {
                     addr,
                     len: 8,
                     op: "read",
-                    source: e,
+                    err: e,
                 },
                 _ => ProcError::from_os(self.pid, Some(self.tid), "PTRACE_PEEKDATA", e),
             });
@@ -300,7 +300,7 @@ impl StoppedThread {
                     addr,
                     len: 8,
                     op: "write",
-                    source: e,
+                    err: e,
                 },
                 _ => ProcError::from_os(self.pid, Some(self.tid), "PTRACE_POKEDATA", e),
             });

@@ -103,7 +103,7 @@ pub fn round(s: &mut Session, tids: &[i32], stats: &mut SwitchStats) -> Result<R
                 pid,
                 tid: Some(tid),
                 op: "switch a thread",
-                source: std::io::Error::other(e.to_string()),
+                err: std::io::Error::other(e.to_string()),
             })
     })
     .map_err(|e| {
