@@ -7,7 +7,7 @@ mod cmd;
 mod driver;
 mod output;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Live-patch running Linux processes, thread by thread, at moments proven safe.
 #[derive(Debug, Parser)]
@@ -60,8 +60,30 @@ enum Command {
     Unload(cmd::unload::Args),
 }
 
+/// clap's "requires a subcommand" error lists every subcommand, the hidden debug ones too: name only those
+/// `relive --help` shows.
+fn without_hidden_commands(e: clap::Error) -> clap::Error {
+    if e.kind() != clap::error::ErrorKind::MissingSubcommand {
+        return e;
+    }
+    let mut cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect();
+    clap::Error::raw(
+        e.kind(),
+        format!(
+            "relive needs a command, one of: {}; `relive --help` says what each does",
+            names.join(", ")
+        ),
+    )
+    .format(&mut cmd)
+}
+
 fn main() {
-    let cli = Cli::try_parse().unwrap_or_else(|e| output::usage_error(e));
+    let cli = Cli::try_parse().unwrap_or_else(|e| output::usage_error(without_hidden_commands(e)));
     output::init_logging(cli.verbose);
     let ctx = output::Ctx { json: cli.json };
     // Commands that drive a transition stop and resume target threads one by one: on CPUs full of target

@@ -200,7 +200,9 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
     }
     let mut s = String::new();
     use std::fmt::Write as _;
-    let _ = writeln!(s, "pid {}: {} thread(s)", out.pid, out.threads.len());
+    let n = out.threads.len();
+    let noun = if n == 1 { "thread" } else { "threads" };
+    let _ = writeln!(s, "pid {}: {n} {noun}", out.pid);
     for t in &out.threads {
         let verdict = match (&t.alive, &t.unreliable_reason) {
             (false, _) => "exited during the command".to_string(),

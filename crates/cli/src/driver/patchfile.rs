@@ -867,10 +867,9 @@ fn kind_name(k: &relive_x86::EntryKind) -> String {
         relive_x86::EntryKind::Pad { pad_len, .. } => format!("patchable NOP pad of {pad_len} bytes"),
         relive_x86::EntryKind::PrePad { pad_len, .. } => format!("{pad_len}-byte pad plus a pre-entry pad"),
         relive_x86::EntryKind::Displaced { instructions } => {
-            format!(
-                "{} displaced instruction(s), relocated into the stub",
-                instructions.len()
-            )
+            let n = instructions.len();
+            let noun = if n == 1 { "instruction" } else { "instructions" };
+            format!("{n} displaced {noun}, relocated into the stub")
         }
     }
 }
