@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
-use crate::reloc::{decode_all, relocate};
+use crate::reloc::{decode_all, relocate_code};
 use crate::{EncodeError, EntryError, Relocated};
 
 /// Length of `jmp rel32` (`E9 rel32`), the entry jump.
@@ -147,8 +147,13 @@ pub enum EntryKind {
         far_original: Vec<u8>,
     },
     /// No pad: the first 5 bytes at the site are overwritten; `instructions` (which cover them) are
-    /// relocated into the old-path copy, which jumps back to `resume`.
-    Displaced { instructions: Vec<Instruction> },
+    /// relocated into the old-path copy, which jumps back to `resume`. `bytes` are their original bytes
+    /// (`[site, resume)`), copied as they are when nothing in them depends on where they run
+    /// ([`crate::relocate_code`]); empty when the plan was rebuilt from a record.
+    Displaced {
+        instructions: Vec<Instruction>,
+        bytes: Vec<u8>,
+    },
 }
 
 /// The result of [`analyze_entry`]: where and how to write the entry of one function.
@@ -370,9 +375,11 @@ pub fn analyze_entry(func: FunctionBytes<'_>, ctx: &EntryContext<'_>) -> Result<
             displaced.push(*ins);
             end = ins.next_ip();
         }
+        let bytes = func.bytes[site_off..site_off + (end - site) as usize].to_vec();
         (
             EntryKind::Displaced {
                 instructions: displaced,
+                bytes,
             },
             JMP_REL32_LEN as u64,
             end,
@@ -432,7 +439,7 @@ pub fn analyze_entry(func: FunctionBytes<'_>, ctx: &EntryContext<'_>) -> Result<
     // instructions must reach its data from the stub.
     let mut lo = site.saturating_sub((1u64 << 31) - WINDOW_SLACK);
     let mut hi = site.saturating_add((1u64 << 31) - WINDOW_SLACK);
-    if let EntryKind::Displaced { instructions } = &kind {
+    if let EntryKind::Displaced { instructions, bytes } = &kind {
         for ins in instructions {
             match ins.flow_control() {
                 FlowControl::Interrupt | FlowControl::Exception => {
@@ -456,7 +463,7 @@ pub fn analyze_entry(func: FunctionBytes<'_>, ctx: &EntryContext<'_>) -> Result<
         }
         // Trial relocation (at the original address every displacement fits): refuses instructions that
         // BlockEncoder cannot move.
-        relocate(instructions, site, Some(resume)).map_err(|e| EntryError::Unrelocatable {
+        relocate_code(bytes, instructions, site, Some(resume)).map_err(|e| EntryError::Unrelocatable {
             function: name.clone(),
             addr,
             at: site,
@@ -600,11 +607,11 @@ impl EntryPlan {
     /// ([`Relocated::original_pc`]) under the function's own FDE; on the jump back, like `resume`. Fails if `at` is outside `stub_window` far enough that a
     /// RIP-relative operand cannot reach.
     pub fn encode_old_path(&self, at: u64) -> Result<Relocated, EncodeError> {
-        let instrs: &[Instruction] = match &self.kind {
-            EntryKind::Displaced { instructions } => instructions,
-            _ => &[],
+        let (instrs, bytes): (&[Instruction], &[u8]) = match &self.kind {
+            EntryKind::Displaced { instructions, bytes } => (instructions, bytes),
+            _ => (&[], &[]),
         };
-        relocate(instrs, at, Some(self.resume))
+        relocate_code(bytes, instrs, at, Some(self.resume))
     }
 
     /// The writes that replace the original entry with a jump to `dest` (a dispatcher, a near stub or the

@@ -87,9 +87,10 @@ pub use regs::{
     Clobbers, FunctionCode, MAX_FUNCTIONS, RegSet, Thunk, VectorWidth, clobbered_registers,
     encode_preserving_thunk,
 };
-pub use reloc::{LEAF_COPY_MAX, Relocated, decode_all, relocatable_leaf, relocate};
+pub use reloc::{LEAF_COPY_MAX, Relocated, decode_all, relocatable_leaf, relocate, relocate_code};
 pub use stub::{
-    DISPATCHER_MAX_LEN, Direction, Dispatch, StateWidth, StubPage, TlsSlot, encode_dispatcher, encode_jump,
+    DISPATCHER_MAX_LEN, Direction, Dispatch, StateWidth, StubPage, TlsSlot, encode_dispatcher,
+    encode_dispatcher_with_assembler, encode_jump,
 };
 
 /// Re-exported so that callers can name decoded instructions (e.g. [`EntryKind::Displaced`]).

@@ -2,7 +2,7 @@
 
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, ConditionCode, Decoder, DecoderOptions, FlowControl,
-    Instruction, InstructionBlock,
+    Instruction, InstructionBlock, OpKind,
 };
 
 use crate::EncodeError;
@@ -96,6 +96,81 @@ pub fn relocate(
         ip: new_ip,
         code: res.code_buffer,
         new_offsets: new_offsets[..instructions.len()].to_vec(),
+        original_ips: instructions.iter().map(Instruction::ip).collect(),
+    })
+}
+
+/// [`relocate`] for instructions whose original bytes are `code` (contiguous, from the first instruction's
+/// address). When none of them depends on where it runs (no RIP-relative operand, no call, no branch out of
+/// the block) and the jump back reaches with `jmp rel8`/`rel32`, the copy is the original bytes followed by
+/// that jump: what
+/// BlockEncoder computes for them, without building iced-x86's encoder tables (about 1 ms and 170 page
+/// faults in every `relive` process). Anything else goes through [`relocate`]. No instructions at all (a
+/// plan rebuilt from a record) is just the jump back.
+pub fn relocate_code(
+    code: &[u8],
+    instructions: &[Instruction],
+    new_ip: u64,
+    jump_back: Option<u64>,
+) -> Result<Relocated, EncodeError> {
+    if let Some(r) = copy_as_is(code, instructions, new_ip, jump_back) {
+        return Ok(r);
+    }
+    relocate(instructions, new_ip, jump_back)
+}
+
+/// The as-is copy of [`relocate_code`], or `None` when it does not apply.
+fn copy_as_is(
+    code: &[u8],
+    instructions: &[Instruction],
+    new_ip: u64,
+    jump_back: Option<u64>,
+) -> Option<Relocated> {
+    let len: usize = instructions.iter().map(Instruction::len).sum();
+    if code.len() != len {
+        return None;
+    }
+    let start = instructions.first().map_or(0, Instruction::ip);
+    let end = start + len as u64;
+    let mut next = start;
+    for ins in instructions {
+        let independent = match ins.flow_control() {
+            FlowControl::Next | FlowControl::Return => true,
+            // A relative branch to an instruction of the block keeps its target in a copy of the whole
+            // block.
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                matches!(
+                    ins.op0_kind(),
+                    OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+                ) && (start..end).contains(&ins.near_branch_target())
+            }
+            _ => false,
+        };
+        if ins.ip() != next || ins.is_ip_rel_memory_operand() || !independent {
+            return None;
+        }
+        next = ins.next_ip();
+    }
+    let mut out = code.to_vec();
+    if let Some(back) = jump_back {
+        let at = new_ip + len as u64;
+        match crate::entry::encode_jmp_rel8(at, back) {
+            Ok(j) => out.extend_from_slice(&j),
+            Err(_) => out.extend_from_slice(&crate::entry::encode_jmp_rel32(at, back).ok()?),
+        }
+    }
+    let new_offsets = instructions
+        .iter()
+        .scan(0u32, |off, i| {
+            let o = *off;
+            *off += i.len() as u32;
+            Some(o)
+        })
+        .collect();
+    Some(Relocated {
+        ip: new_ip,
+        code: out,
+        new_offsets,
         original_ips: instructions.iter().map(Instruction::ip).collect(),
     })
 }

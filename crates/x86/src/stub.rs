@@ -64,37 +64,99 @@ pub const DISPATCHER_MAX_LEN: usize = 48;
 ///
 /// Only the flags change, which the SysV ABI allows at a function's entry. rsp does not move: for a thread
 /// stopped inside a dispatcher the caller's return address is at `[rsp]` (the unwinder's rule for it).
+///
+/// The common case (the old version within ±2 GiB, as an old-path copy in the stub page or an entry below
+/// always is) is laid out from the fixed template above without iced-x86's encoder, whose tables cost about
+/// 1 ms and 170 page faults to build in every `relive` process (the issue 5 benchmark's 1-thread apply is
+/// a few ms). The template gives the same bytes as [`encode_dispatcher_with_assembler`], which the far case
+/// uses; tests/stubs.rs checks that they agree.
 pub fn encode_dispatcher(at: u64, d: &Dispatch) -> Result<Vec<u8>, EncodeError> {
+    let (value, cmp) = dispatcher_cmp(at, d)?;
+    let mut out = Vec::with_capacity(DISPATCHER_MAX_LEN);
+    // cmp <width> ptr fs:[disp32], imm: fs prefix, REX.W for a qword, opcode 80 (imm8) / 83 (sign-extended
+    // imm8) / 81 (imm32), ModRM 3C (/7, SIB follows), SIB 25 (no base, no index: absolute disp32).
+    out.push(0x64);
+    let imm8 = i8::try_from(value as i32).ok();
+    match cmp {
+        StateWidth::Byte => out.push(0x80),
+        StateWidth::Dword | StateWidth::Qword => {
+            if cmp == StateWidth::Qword {
+                out.push(0x48);
+            }
+            out.push(if imm8.is_some() { 0x83 } else { 0x81 });
+        }
+    }
+    out.extend_from_slice(&[0x3c, 0x25]);
+    out.extend_from_slice(&d.slot.tpoff.to_le_bytes());
+    match (cmp, imm8) {
+        (StateWidth::Byte, _) => out.push(value as u8),
+        (_, Some(v)) => out.push(v as u8),
+        (_, None) => out.extend_from_slice(&(value as i32).to_le_bytes()),
+    }
+    // jne/je old (over the 6-byte jmp below), then jmp qword ptr [rip+new_ptr].
+    out.push(match d.direction {
+        Direction::Patching => 0x75,
+        Direction::Unpatching => 0x74,
+    });
+    out.push(6);
+    let jmp_new = out.len();
+    out.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+    // old: jmp old_version, short when it reaches, else rel32; beyond ±2 GiB the assembler's far form.
+    let old_at = at + out.len() as u64;
+    if let Ok(j) = crate::entry::encode_jmp_rel8(old_at, d.old_version) {
+        out.extend_from_slice(&j);
+    } else if let Ok(j) = crate::entry::encode_jmp_rel32(old_at, d.old_version) {
+        out.extend_from_slice(&j);
+    } else {
+        return encode_dispatcher_with_assembler(at, d);
+    }
+    let disp = (out.len() - (jmp_new + 6)) as u32;
+    out[jmp_new + 2..jmp_new + 6].copy_from_slice(&disp.to_le_bytes());
+    out.extend_from_slice(&d.new_version.to_le_bytes());
+    Ok(out)
+}
+
+/// The state value the dispatcher compares with, checked against the slot's width.
+fn dispatcher_cmp(at: u64, d: &Dispatch) -> Result<(u32, StateWidth), EncodeError> {
+    let value = match d.direction {
+        Direction::Patching => d.slot.patched,
+        Direction::Unpatching => d.slot.unpatched,
+    };
+    let fits = match d.slot.width {
+        StateWidth::Byte => u8::try_from(value).is_ok(),
+        StateWidth::Dword => true,
+        StateWidth::Qword => i32::try_from(value).is_ok(),
+    };
+    if !fits {
+        let what = match d.slot.width {
+            StateWidth::Byte => "a byte slot",
+            _ => "a sign-extended imm32",
+        };
+        return Err(EncodeError::Invalid {
+            what: "dispatcher".into(),
+            at,
+            reason: format!("state value {value} does not fit {what}"),
+        });
+    }
+    Ok((value, d.slot.width))
+}
+
+/// [`encode_dispatcher`] through iced-x86's `CodeAssembler`: the reference the template is tested against,
+/// and the encoder of the far case (an old version beyond ±2 GiB).
+pub fn encode_dispatcher_with_assembler(at: u64, d: &Dispatch) -> Result<Vec<u8>, EncodeError> {
     let err = |e: iced_x86::IcedError| EncodeError::Encoder {
         what: "dispatcher".into(),
         at,
         reason: e.to_string(),
     };
-    let value = match d.direction {
-        Direction::Patching => d.slot.patched,
-        Direction::Unpatching => d.slot.unpatched,
-    };
+    let (value, _) = dispatcher_cmp(at, d)?;
     let mut a = CodeAssembler::new(64).map_err(err)?;
     // An absolute disp32 (no base, no index) is sign-extended: fs:[-152] addresses fs_base - 152.
     let slot = d.slot.tpoff as i64 as u64;
     match d.slot.width {
-        StateWidth::Byte => {
-            let v = u8::try_from(value).map_err(|_| EncodeError::Invalid {
-                what: "dispatcher".into(),
-                at,
-                reason: format!("state value {value} does not fit a byte slot"),
-            })?;
-            a.cmp(byte_ptr(slot).fs(), v as i32).map_err(err)?;
-        }
+        StateWidth::Byte => a.cmp(byte_ptr(slot).fs(), value as i32).map_err(err)?,
         StateWidth::Dword => a.cmp(dword_ptr(slot).fs(), value as i32).map_err(err)?,
-        StateWidth::Qword => {
-            let v = i32::try_from(value).map_err(|_| EncodeError::Invalid {
-                what: "dispatcher".into(),
-                at,
-                reason: format!("state value {value} does not fit a sign-extended imm32"),
-            })?;
-            a.cmp(qword_ptr(slot).fs(), v).map_err(err)?
-        }
+        StateWidth::Qword => a.cmp(qword_ptr(slot).fs(), value as i32).map_err(err)?,
     }
     let mut old = a.create_label();
     let mut new_ptr = a.create_label();

@@ -28,7 +28,7 @@ fn t_x86_4_3_displaced_prologue() {
     let p = analyze(&FRAME).unwrap();
     assert!(!p.endbr);
     assert_eq!(p.site, A);
-    let EntryKind::Displaced { instructions } = &p.kind else {
+    let EntryKind::Displaced { instructions, .. } = &p.kind else {
         panic!("{:?}", p.kind)
     };
     assert_eq!(instructions.len(), 3, "push, mov, sub cover the 5 bytes");
@@ -208,7 +208,7 @@ fn t_x86_4_3_pre_entry_pad() {
     assert_eq!((r[1].addr, r[1].bytes.clone()), (A - 5, vec![0x90; 5]));
     // Without the pre-pad the same function is patched by displacing nop; nop; lea.
     let p2 = analyze(&b).unwrap();
-    assert!(matches!(p2.kind, EntryKind::Displaced { ref instructions } if instructions.len() == 3));
+    assert!(matches!(p2.kind, EntryKind::Displaced { ref instructions, .. } if instructions.len() == 3));
 }
 
 #[test]

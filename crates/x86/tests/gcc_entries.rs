@@ -128,7 +128,7 @@ fn t_x86_4_3_gcc_o2_cet_prologues() {
     // scale: endbr64; mov %edi,%ecx; lea table(%rip),%rdx; … — both displaced, the lea relocated.
     let p = elf.analyze("scale").unwrap();
     assert!(p.endbr);
-    let EntryKind::Displaced { instructions } = &p.kind else {
+    let EntryKind::Displaced { instructions, .. } = &p.kind else {
         panic!("{:?}", p.kind)
     };
     assert_eq!(instructions.len(), 2, "{instructions:?}");
@@ -159,7 +159,7 @@ fn t_x86_4_3_gcc_o2_cet_prologues() {
 
     // caller: endbr64; call leaf — one 5-byte instruction under the jump: stop-free, relocatable call.
     let p = elf.analyze("caller").unwrap();
-    let EntryKind::Displaced { instructions } = &p.kind else {
+    let EntryKind::Displaced { instructions, .. } = &p.kind else {
         panic!("{:?}", p.kind)
     };
     assert_eq!(

@@ -8,7 +8,7 @@ use iced_x86::{
     Register,
 };
 use proptest::prelude::*;
-use relive_x86::{decode_all, relocate};
+use relive_x86::{decode_all, relocate, relocate_code};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -346,11 +346,28 @@ fn orig_effect(instrs: &[Instruction], i: usize, end: u64) -> Effect {
 
 /// Relocates `ops` from `base` to `new_ip` and checks every instruction's effect.
 fn check(ops: &[Op], base: u64, new_ip: u64) -> Result<(), TestCaseError> {
+    check_with(ops, base, new_ip, false)
+}
+
+/// [`check`], relocating with [`relocate_code`] (the as-is copy where it applies) when `with_code`.
+fn check_with(ops: &[Op], base: u64, new_ip: u64, with_code: bool) -> Result<(), TestCaseError> {
     let bytes = materialize(ops, base);
     let instrs = decode_all(base, &bytes).expect("decode original");
     prop_assert_eq!(instrs.len(), ops.len());
     let end = base + bytes.len() as u64;
-    let r = relocate(&instrs, new_ip, Some(end)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let r = if with_code {
+        relocate_code(&bytes, &instrs, new_ip, Some(end))
+    } else {
+        relocate(&instrs, new_ip, Some(end))
+    }
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let plain = ops
+        .iter()
+        .all(|o| matches!(o, Op::AddImm(..) | Op::MovRegReg(..) | Op::Push(..) | Op::Nop));
+    if with_code && plain {
+        // Nothing depends on where it runs: the original bytes, then the jump back.
+        prop_assert_eq!(&r.code[..bytes.len()], &bytes[..]);
+    }
     prop_assert_eq!(r.new_offsets.len(), instrs.len());
     // The jump back: the instruction after the last relocated one (offsets are increasing).
     let back_off = {
@@ -448,6 +465,36 @@ proptest! {
         check(&ops, base, base + (gib << 30))?;
     }
 
+    /// relocate_code (used for entries, DESIGN.md §4.3): the same effects as BlockEncoder's relocation for
+    /// every sequence, whether it copies the bytes as they are (no branch, no RIP-relative operand) or hands
+    /// them to BlockEncoder; half the cases are plain instructions only, so the as-is copy is exercised.
+    #[test]
+    fn t_x86_reloc_copy_as_is_same_targets(
+        (ops, delta) in prop_oneof![
+            // Any sequence, 1 MiB–1 GiB away.
+            (
+                proptest::collection::vec(op(), 1..14),
+                prop_oneof![-(1i64 << 30)..-(1i64 << 20), (1i64 << 20)..(1i64 << 30)],
+            ),
+            // Plain instructions only, just below the original: the jump back fits a rel8, and the copy
+            // never overlaps the original (short branches would reach into the copy: not this harness's case).
+            (
+                proptest::collection::vec(op().prop_filter("plain only", |o| matches!(o,
+                    Op::AddImm(..) | Op::MovRegReg(..) | Op::Push(..) | Op::Nop)), 1..8),
+                -126i64..-100,
+            ),
+            (
+                proptest::collection::vec(op().prop_filter("plain only", |o| matches!(o,
+                    Op::AddImm(..) | Op::MovRegReg(..) | Op::Push(..) | Op::Nop)), 1..14),
+                -(1i64 << 30)..(1i64 << 30),
+            ),
+        ],
+        base in 0x1_0000_0000u64..0x7f00_0000_0000u64,
+    ) {
+        let new_ip = base.wrapping_add(delta as u64);
+        check_with(&ops, base, new_ip, true)?;
+    }
+
     /// RIP-relative data that cannot be reached from the new address is an error, never silently wrong code.
     #[test]
     fn t_x86_reloc_unreachable_data_is_refused(
@@ -534,7 +581,7 @@ proptest! {
                 let stub = p.stub_window.start + (p.stub_window.end - p.stub_window.start) / 3;
                 let r = p.encode_old_path(stub).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 // (The effects of relocated code are checked by the properties above.)
-                let n = match &p.kind { relive_x86::EntryKind::Displaced { instructions } => instructions.len(), _ => 0 };
+                let n = match &p.kind { relive_x86::EntryKind::Displaced { instructions, .. } => instructions.len(), _ => 0 };
                 prop_assert_eq!(r.new_offsets.len(), n);
                 for w in p.install(stub).unwrap() {
                     prop_assert_eq!(&w.expect, &p.original);

@@ -247,7 +247,10 @@ impl PlanRec {
                     far_site: *far_site,
                     far_original: far_original.clone(),
                 },
-                KindRec::Displaced => EntryKind::Displaced { instructions: vec![] },
+                KindRec::Displaced => EntryKind::Displaced {
+                    instructions: vec![],
+                    bytes: vec![],
+                },
             },
             interior: self.interior.clone(),
             stub_window: self.stub_window.0..self.stub_window.1,

@@ -716,16 +716,16 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                 if plan.reaches(target) {
                     continue;
                 }
-                let Some(ins) = code
+                let Some((c, ins)) = code
                     .as_deref()
-                    .and_then(|c| relive_x86::relocatable_leaf(target, c))
+                    .and_then(|c| Some((c, relive_x86::relocatable_leaf(target, c)?)))
                 else {
                     continue;
                 };
                 // The copy's size does not depend on where it goes (its branches stay inside it): encode it
                 // once to size its slot, then for real at the slot.
                 let copy_at = |at: u64| {
-                    relive_x86::relocate(&ins, at, None)
+                    relive_x86::relocate_code(c, &ins, at, None)
                         .map_err(|e| Fail::Error(anyhow!("pid {pid}: copy of {}: {e}", r.func.name)))
                 };
                 let len = copy_at(plan.jump_site())?.code.len() as u64;
@@ -866,7 +866,7 @@ fn kind_name(k: &relive_x86::EntryKind) -> String {
     match k {
         relive_x86::EntryKind::Pad { pad_len, .. } => format!("patchable NOP pad of {pad_len} bytes"),
         relive_x86::EntryKind::PrePad { pad_len, .. } => format!("{pad_len}-byte pad plus a pre-entry pad"),
-        relive_x86::EntryKind::Displaced { instructions } => {
+        relive_x86::EntryKind::Displaced { instructions, .. } => {
             let n = instructions.len();
             let noun = if n == 1 { "instruction" } else { "instructions" };
             format!("{n} displaced {noun}, relocated into the stub")
