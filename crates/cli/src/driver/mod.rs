@@ -484,10 +484,8 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     session::ensure_process(pid)?;
     // DESIGN §1: nothing in the target changes before every check has passed. Without an agent, run the
     // checks read-only first (as `relive check` does), so a refused patch does not even inject the agent.
-    if matches!(
-        relive_proc::agent::find_agent(pid),
-        Err(relive_proc::agent::AgentError::NotLoaded { .. })
-    ) {
+    let found = relive_proc::agent::find_agent(pid);
+    if matches!(found, Err(relive_proc::agent::AgentError::NotLoaded { .. })) {
         let image = relive_proc::ProcessImage::load(pid, &relive_proc::ImageOptions::default())
             .map_err(|e| session::proc_err(pid, "cannot map modules", e))?;
         let p = patchfile::prepare_with(pid, &image, &doc::Doc::default(), &pf, opts.allow_stacking);
@@ -500,7 +498,7 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
         debug_for: pf.manifest.objects.iter().map(|o| o.name.clone()).collect(),
         ..opts.clone()
     };
-    let mut s = Session::open(pid, true, opts)?;
+    let mut s = Session::open_with(pid, true, opts, found.ok())?;
     rep.agent_injected = s.injected;
     if s.doc.model.patch(&pf.name).is_some() {
         if s.doc.model.in_transition(&pf.name) {

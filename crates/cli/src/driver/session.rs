@@ -69,7 +69,20 @@ impl Session {
     /// and reads the registry document.
     pub fn open(pid: i32, inject: bool, opts: &Options) -> Result<Session, Fail> {
         ensure_process(pid)?;
-        let (loc, injected) = if inject {
+        Self::open_with(pid, inject, opts, None)
+    }
+
+    /// [`Session::open`] for a process already checked with [`ensure_process`], whose agent the caller may
+    /// have found just now (`found`): it is not looked up again.
+    pub fn open_with(
+        pid: i32,
+        inject: bool,
+        opts: &Options,
+        found: Option<agent::AgentLocation>,
+    ) -> Result<Session, Fail> {
+        let (loc, injected) = if let Some(l) = found {
+            (l, false)
+        } else if inject {
             let spinner = indicatif::ProgressBar::new_spinner();
             if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 spinner.set_message(format!("loading the relive agent into pid {pid}"));
