@@ -109,6 +109,16 @@ pub fn int3_batch(plans: &[Int3Plan]) -> Vec<Int3Step> {
 /// instruction, such as the old path of an entry, or stops every thread instead).
 pub fn int3_emulation(addr: u64, bytes: &[u8]) -> Option<u64> {
     use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Mnemonic};
+    // The jumps relive writes, read without iced-x86's decoder tables (about 1 ms to build per process):
+    // `jmp rel32`, `jmp rel8`.
+    match bytes {
+        [0xe9, d @ ..] if d.len() == 4 => {
+            let rel = i32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            return Some((addr + 5).wrapping_add(rel as i64 as u64));
+        }
+        [0xeb, d] => return Some((addr + 2).wrapping_add(*d as i8 as i64 as u64)),
+        _ => {}
+    }
     let mut dec = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
     let ins = dec.decode();
     if ins.is_invalid() || ins.len() != bytes.len() {
@@ -133,6 +143,10 @@ mod emulation_tests {
         let jmp = crate::encode_jmp_rel32(at, 0x40_3000).unwrap();
         assert_eq!(int3_emulation(at, &jmp), Some(0x40_3000));
         assert_eq!(int3_emulation(at, &[0xeb, 0x10]), Some(at + 0x12));
+        // Backwards, both widths (read without the decoder).
+        assert_eq!(int3_emulation(at, &[0xeb, 0xf0]), Some(at + 2 - 0x10));
+        let back = crate::encode_jmp_rel32(at, at - 0x2000).unwrap();
+        assert_eq!(int3_emulation(at, &back), Some(at - 0x2000));
         assert_eq!(int3_emulation(at, &[0x0f, 0x1f, 0x44, 0x00, 0x00]), Some(at + 5));
         assert_eq!(int3_emulation(at, &[0x66, 0x90]), Some(at + 2));
         // lea rax,[rdi+rdi+1]: must run from a relocated copy.
