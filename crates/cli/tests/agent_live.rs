@@ -524,6 +524,53 @@ fn t_d4_9_import_slot_written_by_agent() {
     assert!(e.contains("no_such_slot") && e.contains(&pid.to_string()), "{e}");
 }
 
+/// The repository's C example (examples/c-hello-patch/hello_fix.c) applied with `relive apply`: its
+/// RELIVE_IMPORT of the target's static variable greet_calls (a data symbol in .symtab only) resolves and
+/// its slot is filled, so greet_v2 counts the calls in the target's own counter. Imports used to resolve
+/// functions only, which refused this example.
+#[test]
+fn serial_t_d4_9_example_patch_imports_a_static_variable() {
+    let mut t = hello(true);
+    let pid = t.pid().to_string();
+    send(&mut t, "greet 5");
+    assert_eq!(
+        line_with(&t, "greet", Duration::from_secs(5)),
+        "greet 5 -> 6 calls=1"
+    );
+    let patch = c_patch();
+    let check = relive()
+        .args(["check", &pid, patch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let o = relive()
+        .args(["apply", &pid, patch.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    send(&mut t, "greet 7");
+    assert_eq!(
+        line_with(&t, "greet", Duration::from_secs(5)),
+        "greet 7 -> 2007 calls=2"
+    );
+    let o = relive().args(["disable", &pid, "c-hello"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    send(&mut t, "greet 1");
+    assert_eq!(
+        line_with(&t, "greet", Duration::from_secs(5)),
+        "greet 1 -> 2 calls=3"
+    );
+}
+
 /// The agent library is looked up next to the relive binary or through RELIVE_AGENT; when it is
 /// nowhere, the error lists every path tried.
 #[test]

@@ -24,6 +24,15 @@ pub enum SymKind {
     /// `STT_GNU_IFUNC`: the symbol's address is the resolver.
     Ifunc,
     Object,
+    /// `STT_TLS`: the value is an offset in the thread-local block, not an address.
+    Tls,
+}
+
+impl SymKind {
+    /// Code: what SPEC D5 resolves for a function to patch.
+    pub fn is_function(self) -> bool {
+        matches!(self, SymKind::Func | SymKind::Ifunc)
+    }
 }
 
 /// One defined symbol of an object.
@@ -46,10 +55,15 @@ pub struct Symbol {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
     #[error(
-        "function {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name); check the spelling; a static function of a stripped object needs its debug file, installed by build-id under /usr/lib/debug/.build-id/ (the distribution's debug package)"
+        "{what} {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name); check the spelling; a static {what} of a stripped object needs its debug file, installed by build-id under /usr/lib/debug/.build-id/ (the distribution's debug package); a static function the compiler inlined into all its callers has no symbol left (build the target with noinline on it)"
     )]
-    NotFound { object: String, name: String },
-    #[error("function {name} is ambiguous in {object}: {} candidates ({}); give sympos 1..={} to pick one (SPEC D5)",
+    NotFound {
+        object: String,
+        name: String,
+        /// "function" (a function to patch) or "symbol" (an import: a function or a variable).
+        what: &'static str,
+    },
+    #[error("{what} {name} is ambiguous in {object}: {} candidates ({}); give sympos 1..={} to pick one (SPEC D5)",
         candidates.len(),
         candidates.iter().enumerate().map(|(i, c)| format!("sympos {}: {} size {}", i + 1, c.0, c.1)).collect::<Vec<_>>().join(", "),
         candidates.len())]
@@ -57,15 +71,18 @@ pub enum ResolveError {
         object: String,
         name: String,
         candidates: Vec<(Svma, u64)>,
+        what: &'static str,
     },
     #[error(
-        "function {name} has only {count} occurrence(s) in {object}, sympos {sympos} does not exist (SPEC D5)"
+        "{what} {name} has only {count} occurrence{} in {object}, sympos {sympos} does not exist (SPEC D5)",
+        if *count == 1 { "" } else { "s" }
     )]
     NoSuchPos {
         object: String,
         name: String,
         sympos: u32,
         count: usize,
+        what: &'static str,
     },
     #[error(
         "function {name} in {object} at {addr} has no size in the symbol table (SPEC D5: ENOENT); relive needs the size to patch it"
@@ -112,7 +129,8 @@ fn read_table(
         let kind = match st_type {
             elf::STT_FUNC => SymKind::Func,
             elf::STT_GNU_IFUNC => SymKind::Ifunc,
-            elf::STT_OBJECT | elf::STT_TLS => SymKind::Object,
+            elf::STT_OBJECT => SymKind::Object,
+            elf::STT_TLS => SymKind::Tls,
             _ => continue,
         };
         if sym.st_shndx(endian) == elf::SHN_UNDEF {
@@ -172,7 +190,7 @@ impl SymbolTable {
     /// Builds the table from symbols in table order.
     pub fn from_symbols(symbols: Vec<Symbol>) -> SymbolTable {
         let mut by_addr: Vec<usize> = (0..symbols.len())
-            .filter(|&i| symbols[i].kind != SymKind::Object && symbols[i].addr.0 != 0)
+            .filter(|&i| symbols[i].kind.is_function() && symbols[i].addr.0 != 0)
             .collect();
         // Sort by address; among aliases at one address prefer the global, sized, shortest name.
         by_addr.sort_by_key(|&i| {
@@ -243,47 +261,13 @@ impl SymbolTable {
     pub fn functions_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Symbol> + 'a {
         self.symbols
             .iter()
-            .filter(move |s| s.kind != SymKind::Object && s.name == name)
+            .filter(move |s| s.kind.is_function() && s.name == name)
     }
 
     /// SPEC D5: `sympos == 0` requires a unique name; `sympos == N` takes the N-th occurrence in
     /// table order. Aliases (same address) count once. A function without a size is refused.
     pub fn resolve(&self, object: &str, name: &str, sympos: u32) -> Result<&Symbol, ResolveError> {
-        let mut cands: Vec<&Symbol> = Vec::new();
-        for s in self
-            .symbols
-            .iter()
-            .filter(|s| s.kind != SymKind::Object && s.name == name)
-        {
-            if !cands.iter().any(|c| c.addr == s.addr) {
-                cands.push(s);
-            }
-        }
-        let sym = match (sympos, cands.len()) {
-            (_, 0) => {
-                return Err(ResolveError::NotFound {
-                    object: object.into(),
-                    name: name.into(),
-                });
-            }
-            (0, 1) => cands[0],
-            (0, _) => {
-                return Err(ResolveError::Ambiguous {
-                    object: object.into(),
-                    name: name.into(),
-                    candidates: cands.iter().map(|c| (c.addr, c.size)).collect(),
-                });
-            }
-            (n, count) if n as usize > count => {
-                return Err(ResolveError::NoSuchPos {
-                    object: object.into(),
-                    name: name.into(),
-                    sympos: n,
-                    count,
-                });
-            }
-            (n, _) => cands[n as usize - 1],
-        };
+        let sym = self.resolve_among(object, name, sympos, "function", SymKind::is_function)?;
         if sym.size == 0 {
             return Err(ResolveError::NoSize {
                 object: object.into(),
@@ -292,6 +276,54 @@ impl SymbolTable {
             });
         }
         Ok(sym)
+    }
+
+    /// What a patch imports (`RELIVE_IMPORT`): a function or a variable, by the same SPEC D5 rules as
+    /// [`SymbolTable::resolve`] over both kinds (occurrences counted in table order). Only the address is
+    /// used, so a symbol without a size is fine; a thread-local variable (its value is an offset, not an
+    /// address) is not found.
+    pub fn resolve_import(&self, object: &str, name: &str, sympos: u32) -> Result<&Symbol, ResolveError> {
+        self.resolve_among(object, name, sympos, "symbol", |k| {
+            k.is_function() || k == SymKind::Object
+        })
+    }
+
+    fn resolve_among(
+        &self,
+        object: &str,
+        name: &str,
+        sympos: u32,
+        what: &'static str,
+        kind: impl Fn(SymKind) -> bool,
+    ) -> Result<&Symbol, ResolveError> {
+        let mut cands: Vec<&Symbol> = Vec::new();
+        for s in self.symbols.iter().filter(|s| kind(s.kind) && s.name == name) {
+            if !cands.iter().any(|c| c.addr == s.addr) {
+                cands.push(s);
+            }
+        }
+        match (sympos, cands.len()) {
+            (_, 0) => Err(ResolveError::NotFound {
+                object: object.into(),
+                name: name.into(),
+                what,
+            }),
+            (0, 1) => Ok(cands[0]),
+            (0, _) => Err(ResolveError::Ambiguous {
+                object: object.into(),
+                name: name.into(),
+                candidates: cands.iter().map(|c| (c.addr, c.size)).collect(),
+                what,
+            }),
+            (n, count) if n as usize > count => Err(ResolveError::NoSuchPos {
+                object: object.into(),
+                name: name.into(),
+                sympos: n,
+                count,
+                what,
+            }),
+            (n, _) => Ok(cands[n as usize - 1]),
+        }
     }
 }
 
@@ -345,6 +377,45 @@ mod tests {
             t.resolve("x", "unsized", 0),
             Err(ResolveError::NoSize { .. })
         ));
+    }
+
+    /// Imports (RELIVE_IMPORT) resolve variables as well as functions, with the same D5 occurrence rules,
+    /// never a thread-local (its value is an offset) and without needing a size; functions to patch never
+    /// resolve to a variable.
+    #[test]
+    fn t_d5_imports_resolve_variables_too() {
+        let var = |name: &str, addr: u64, kind: SymKind| Symbol {
+            kind,
+            size: 0,
+            ..sym(name, addr, 4, false)
+        };
+        let t = SymbolTable::from_symbols(vec![
+            sym("f", 0x1000, 0x20, true),
+            var("counter", 0x4000, SymKind::Object),
+            var("tls_var", 0x10, SymKind::Tls),
+            var("dup", 0x4010, SymKind::Object),
+            sym("dup", 0x1100, 0x20, false),
+        ]);
+        assert_eq!(t.resolve_import("x", "counter", 0).unwrap().addr, Svma(0x4000));
+        assert_eq!(t.resolve_import("x", "f", 0).unwrap().addr, Svma(0x1000));
+        assert!(matches!(
+            t.resolve_import("x", "tls_var", 0),
+            Err(ResolveError::NotFound { what: "symbol", .. })
+        ));
+        // A variable and a function of one name: two occurrences, in table order.
+        assert!(matches!(
+            t.resolve_import("x", "dup", 0),
+            Err(ResolveError::Ambiguous { .. })
+        ));
+        assert_eq!(t.resolve_import("x", "dup", 1).unwrap().addr, Svma(0x4010));
+        // Functions to patch: variables are not candidates.
+        assert!(matches!(
+            t.resolve("x", "counter", 0),
+            Err(ResolveError::NotFound { what: "function", .. })
+        ));
+        assert_eq!(t.resolve("x", "dup", 0).unwrap().addr, Svma(0x1100));
+        let e = t.resolve_import("x", "nope", 0).unwrap_err().to_string();
+        assert!(e.starts_with("symbol nope not found in x"), "{e}");
     }
 
     #[test]

@@ -447,7 +447,7 @@ pub fn prepare_with(
                 import_not_loaded(pid, &pf.name, imp),
             )),
             Some(m) => {
-                if let Err(e) = m.symbols.resolve(&m.path, &imp.name, imp.sympos) {
+                if let Err(e) = m.symbols.resolve_import(&m.path, &imp.name, imp.sympos) {
                     p.problems.push((
                         format!("import {}:{}", imp.object, imp.name),
                         format!("pid {pid}: {e}"),
@@ -589,7 +589,7 @@ pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, F
             let msg = import_not_loaded(pid, &pf.name, imp);
             return Err(fail(s, msg));
         };
-        let sym = match m.symbols.resolve(&m.path, &imp.name, imp.sympos) {
+        let sym = match m.symbols.resolve_import(&m.path, &imp.name, imp.sympos) {
             Ok(sym) => sym.addr.to_avma(m.bias).0,
             Err(e) => return Err(fail(s, format!("import {} of patch {}: {e}", imp.name, pf.name))),
         };
