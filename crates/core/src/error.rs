@@ -11,8 +11,8 @@ use crate::output::Event;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StateProblem {
-    /// A replace patch must carry every installed state.
-    Missing,
+    /// A replace patch must carry every installed state (installed at version `installed`).
+    Missing { installed: u32 },
     /// No downgrade of a state's version.
     Downgrade { installed: u32, new: u32 },
 }
@@ -62,9 +62,9 @@ pub enum Error {
     #[error(
         "patch '{patch}' is not compatible with the already installed patch '{owner}': state {state_id} {}; \
          apply a patch that carries the state at version {} or newer",
-        match problem { StateProblem::Missing => "is missing (a replace patch must carry every installed state)".to_owned(),
+        match problem { StateProblem::Missing { .. } => "is missing (a replace patch must carry every installed state)".to_owned(),
                         StateProblem::Downgrade { installed, new } => format!("would be downgraded from version {installed} to {new}") },
-        match problem { StateProblem::Missing => 0, StateProblem::Downgrade { installed, .. } => *installed }
+        match problem { StateProblem::Missing { installed } | StateProblem::Downgrade { installed, .. } => *installed }
     )]
     IncompatibleState {
         patch: String,

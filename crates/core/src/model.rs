@@ -708,7 +708,7 @@ impl Model {
         for p in &self.patches {
             for s in &p.states {
                 let problem = match spec.states.iter().find(|n| n.id == s.id) {
-                    None if spec.replace => Some(StateProblem::Missing),
+                    None if spec.replace => Some(StateProblem::Missing { installed: s.version }),
                     None => None,
                     Some(n) if n.version < s.version => Some(StateProblem::Downgrade {
                         installed: s.version,

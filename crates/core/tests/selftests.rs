@@ -748,6 +748,28 @@ fn t_st4_incompatible_cumulative_livepatches() {
     );
     assert_eq!(sim.model, before, "no side effects");
     assert!(!sim.libs.contains("test_klp_state"));
+    // The message names the installed version as the one to carry.
+    assert!(err.to_string().contains("version 2 or newer"), "{err}");
+    // ST3: a replace patch that lacks an installed state is refused too, and told that version.
+    let mut lacking = PatchSpec::new("lacking").replace(true);
+    lacking = lacking.object(ObjectSpec::new(vmlinux()).callbacks(CallbackSet::ALL));
+    let err = sim.load(lacking).unwrap_err();
+    sim.take_log();
+    assert!(
+        matches!(
+            &err,
+            Error::IncompatibleState {
+                problem: relive_core::StateProblem::Missing { installed: 2 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let m = err.to_string();
+    assert!(
+        m.contains("is missing") && m.contains("version 2 or newer"),
+        "{m}"
+    );
     sim.disable_and_settle("test_klp_state2");
     assert_eq!(sim.take_log(), st_disable("test_klp_state2"));
 }
