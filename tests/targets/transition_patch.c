@@ -12,6 +12,8 @@
  *   -DMISSING=1        also replaces a function the target does not have
  *   -DTINY=1           also replaces `tiny`, a function shorter than a jump (unpatchable entry)
  *   -DIMPORT_FROM=so   imports `g` from object `so` into the slot p_imported (an object the target may lack)
+ *   -DSTATIC_NEW=1     also replaces `held` with a `static` new version (not exported: dlsym cannot find it)
+ *   -DUNDEF=1          uses a variable no object of the target exports (the patch's dlopen would fail)
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
  * the new f must reach the new g, and the old f the old g; any mix is counted in oracle_mix.
  */
@@ -90,6 +92,20 @@ RELIVE_FUNC("exe", no_such_function, 0, f_v);
 void tiny_v(void) {
 }
 RELIVE_FUNC("exe", tiny, 0, tiny_v);
+#endif
+
+#ifdef STATIC_NEW
+__attribute__((used)) static long held_static(long x) {
+    return x;
+}
+RELIVE_FUNC("exe", held, 0, held_static);
+#endif
+
+#ifdef UNDEF
+extern long relive_test_exported_by_nobody;
+long undef_user(void) {
+    return relive_test_exported_by_nobody;
+}
 #endif
 
 #ifdef IMPORT_FROM

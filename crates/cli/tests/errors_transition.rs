@@ -117,6 +117,40 @@ fn serial_t_issue7_apply_refusals_leave_target_unchanged() {
     // An unpatchable entry (shorter than the jump).
     let p = patch("tiny", &["TINY=1"]);
     refused_unchanged(&t, &["apply", &pid, p.to_str().unwrap()], 3, &["tiny"]);
+    // A `static` new version: dlsym in the agent could not find it. check and apply say so up front.
+    let p = patch("staticnew", &["STATIC_NEW=1"]);
+    let o = relive(&["check", &pid, p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("held_static") && text(&o).contains("not exported"),
+        "{}",
+        text(&o)
+    );
+    refused_unchanged(
+        &t,
+        &["apply", &pid, p.to_str().unwrap()],
+        3,
+        &["held_static", "static"],
+    );
+    // A symbol no object of the target exports: the patch's dlopen would fail. check and apply name it.
+    let p = patch("undef", &["UNDEF=1"]);
+    let o = relive(&["check", &pid, p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("relive_test_exported_by_nobody"),
+        "{}",
+        text(&o)
+    );
+    refused_unchanged(
+        &t,
+        &["apply", &pid, p.to_str().unwrap()],
+        3,
+        &["relive_test_exported_by_nobody", "RELIVE_IMPORT", "-rdynamic"],
+    );
+    // A patch that links (it uses the target's exported oracle_mix and libc): check says so.
+    let p = patch("links", &[]);
+    let o = relive(&["check", &pid, p.to_str().unwrap()]);
+    assert!(text(&o).contains("every symbol it needs"), "{}", text(&o));
 }
 
 #[test]

@@ -46,3 +46,28 @@ fn dynsym_versions_sizes_and_build_id() {
     assert!(ranges.len() > 1000);
     assert!(ranges.iter().any(|r| r.start == sym.addr));
 }
+
+/// `dynamic_linkage`: glibc exports its API (functions and variables), keeps internal symbols out, needs
+/// the dynamic linker, and takes a few symbols from it.
+#[test]
+fn dynamic_linkage_of_libc() {
+    let l = relive_elf::dynamic_linkage(&libc()).unwrap();
+    for name in ["printf", "malloc", "environ", "stdout"] {
+        assert!(l.exported.contains(name), "{name} not exported");
+    }
+    assert!(!l.exported.contains("_IO_vtable_check_internal_nonexistent"));
+    assert!(
+        l.needed.iter().any(|n| n.starts_with("ld-linux")),
+        "{:?}",
+        l.needed
+    );
+    assert!(!l.undefined.is_empty() && !l.undefined.iter().any(|u| l.exported.contains(u)));
+    assert!(relive_elf::dynamic_linkage(b"not an elf file").is_none());
+    let mut names = vec![
+        "printf".to_string(),
+        "no_such_symbol_here".to_string(),
+        "environ".to_string(),
+    ];
+    relive_elf::remove_exported(&libc(), &mut names);
+    assert_eq!(names, ["no_such_symbol_here"]);
+}

@@ -492,6 +492,8 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
         if let Some(first) = p.refusals().next() {
             return Err(Fail::Refused(anyhow!("{first}")));
         }
+        // A patch that cannot link would fail in the agent's dlopen: refuse before the agent goes in.
+        patchfile::link_check(pid, &image, &pf).map_err(|e| Fail::Refused(anyhow!("{e}")))?;
     }
     // 2–3 (partly): the agent and the registry.
     let opts = &Options {
@@ -546,6 +548,8 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     if let Some(first) = prepared.refusals().next() {
         return Err(Fail::Refused(anyhow!("{first}")));
     }
+    // A patch that cannot link would fail in the agent's dlopen: refuse it here, with the names.
+    patchfile::link_check(pid, &s.image, &pf).map_err(|e| Fail::Refused(anyhow!("{e}")))?;
     rep.not_loaded = prepared
         .objects
         .iter()

@@ -23,6 +23,8 @@ pub struct PatchFile {
     pub symbols: SymbolTable,
     /// The file's GNU build-id, if it has one: tells a rebuilt patch from the one already active.
     pub build_id: Option<String>,
+    /// What the patch exports and needs from the dynamic linker (`link_problem`, the new-function checks).
+    pub linkage: Option<relive_elf::DynamicLinkage>,
 }
 
 impl PatchFile {
@@ -51,6 +53,7 @@ impl PatchFile {
         let build_id = relive_elf::ElfImage::parse("patch", &bytes)
             .ok()
             .and_then(|i| i.build_id_hex());
+        let linkage = relive_elf::dynamic_linkage(&bytes);
         let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
         Ok(PatchFile {
             path,
@@ -58,6 +61,7 @@ impl PatchFile {
             manifest,
             symbols,
             build_id,
+            linkage,
         })
     }
 }
@@ -359,6 +363,20 @@ pub fn prepare_with(
                 ));
                 continue;
             }
+            // The agent finds the new version with dlsym: a `static` or hidden one is not there.
+            if pf.linkage.as_ref().is_some_and(|l| !l.exported.contains(&f.new)) {
+                p.problems.push((
+                    label.clone(),
+                    format!(
+                        "the new function {} is defined in the patch {} but not exported (is it `static`, or of \
+                         hidden visibility?); relive looks it up with dlsym: define it without `static`, with \
+                         default visibility",
+                        f.new,
+                        pf.path.display()
+                    ),
+                ));
+                continue;
+            }
             let old_avma = sym.addr.to_avma(m.bias).0;
             let old = Range::new(old_avma, old_avma + sym.size.max(1));
             let func = FuncId::new(id.clone(), &f.old, f.sympos);
@@ -519,12 +537,29 @@ pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, F
     let lib = match s.conn.load_path(&path) {
         Ok(l) => l,
         // The target may live in another mount namespace: hand it the bytes (DESIGN §4.6).
-        Err(_) => {
+        Err(first) => {
             let bytes =
                 std::fs::read(&pf.path).map_err(|e| Fail::Error(anyhow!("cannot read {path}: {e}")))?;
-            s.conn
-                .load_bytes(&pf.name, &bytes)
-                .map_err(|e| Fail::Error(anyhow!("loading patch {} into pid {pid}: {e}", pf.name)))?
+            s.conn.load_bytes(&pf.name, &bytes).map_err(|e| {
+                // The first attempt names the file; the second only a /proc/self/fd path. Keep the first
+                // unless the target merely could not open the file (another mount namespace).
+                let first = first.to_string();
+                let msg = if first.contains("cannot open shared object file") {
+                    e.to_string()
+                } else {
+                    first
+                };
+                let hint = if msg.contains("undefined symbol") {
+                    format!(
+                        "; the patch uses a symbol no object of pid {pid} exports: reach a static or \
+                         non-exported function or variable of the target through RELIVE_IMPORT, or build the \
+                         target with -rdynamic (`relive check` finds this before apply does)"
+                    )
+                } else {
+                    String::new()
+                };
+                Fail::Error(anyhow!("loading patch {} into pid {pid}: {msg}{hint}", pf.name))
+            })?
         }
     };
     let mut rec = PatchRec {
@@ -799,8 +834,16 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
         }
         Err(e) => return Err(Fail::Error(anyhow!(e))),
     };
-    let p = prepare_with(pid, &image, &doc, pf, allow_stacking);
+    let mut p = prepare_with(pid, &image, &doc, pf, allow_stacking);
     general.extend(p.general.iter().cloned());
+    match link_check(pid, &image, pf) {
+        Ok(detail) => general.push(Verdict {
+            what: "dynamic linking".into(),
+            ok: true,
+            detail,
+        }),
+        Err(problem) => p.problems.push(("dynamic linking".into(), problem)),
+    }
     let mut funcs: Vec<FuncVerdict> = vec![];
     for decl in &pf.manifest.objects {
         // An object refused as a whole (a wrong build-id) has its funcs left unchecked: not "ok".
@@ -860,6 +903,58 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
         general,
         funcs,
     })
+}
+
+/// Whether the patch links in `pid` (what the target's `dlopen` would say): every symbol it needs and does
+/// not define must be exported by an object the process has loaded, by the agent, or by a library the patch
+/// itself names (`DT_NEEDED`). `Err` is the refusal; `Ok` the verdict's detail. Read-only: run by `check`
+/// and `apply` before anything changes in the target (a lookup of a few names per loaded object).
+pub fn link_check(pid: i32, image: &ProcessImage, pf: &PatchFile) -> Result<String, String> {
+    let Some(l) = &pf.linkage else {
+        return Ok("not checked: the patch's dynamic symbols do not parse".into());
+    };
+    // A needed library the process has not loaded: dlopen loads it, and what it exports is unknown here.
+    let unloaded: Vec<&String> = l
+        .needed
+        .iter()
+        .filter(|n| !image.modules.iter().any(|m| m.matches(n)))
+        .collect();
+    if let Some(n) = unloaded.first() {
+        return Ok(format!(
+            "not checked: the patch needs {n}, which pid {pid} has not loaded (its dlopen loads it)"
+        ));
+    }
+    let mut missing: Vec<String> = l
+        .undefined
+        .iter()
+        .filter(|u| !l.exported.contains(*u))
+        .cloned()
+        .collect();
+    for m in &image.modules {
+        relive_elf::remove_exported(&m.data, &mut missing);
+    }
+    // The agent: loaded already (above), or injected by apply.
+    if !missing.is_empty()
+        && let Ok(agent) = relive_proc::agent::agent_library_path()
+        && let Ok(bytes) = std::fs::read(agent)
+    {
+        relive_elf::remove_exported(&bytes, &mut missing);
+    }
+    missing.sort();
+    match missing.as_slice() {
+        [] if l.undefined.is_empty() => Ok("the patch needs no symbol from other objects".into()),
+        [] => Ok(format!(
+            "every symbol it needs ({}) is exported in pid {pid}",
+            l.undefined.len()
+        )),
+        names => Err(format!(
+            "pid {pid}: the patch {} needs {}, which no object of pid {pid} exports, so its dlopen would fail \
+             (undefined symbol); reach a static or non-exported function or variable of the target through \
+             RELIVE_IMPORT, or build the target with -rdynamic",
+            pf.path.display(),
+            names.join(", ")
+        )),
+    }
 }
 
 fn kind_name(k: &relive_x86::EntryKind) -> String {
