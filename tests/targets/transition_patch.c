@@ -14,6 +14,7 @@
  *   -DIMPORT_FROM=so   imports `g` from object `so` into the slot p_imported (an object the target may lack)
  *   -DSTATIC_NEW=1     also replaces `held` with a `static` new version (not exported: dlsym cannot find it)
  *   -DUNDEF=1          uses a variable no object of the target exports (the patch's dlopen would fail)
+ *   -DNO_FUNCS=1       declares no function at all (a forgotten RELIVE_FUNC)
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
  * the new f must reach the new g, and the old f the old g; any mix is counted in oracle_mix.
  */
@@ -78,9 +79,11 @@ RELIVE_OBJECT(STR(OBJECT), STR(BUILD_ID));
 #else
 RELIVE_OBJECT(STR(OBJECT), "");
 #endif
+#ifndef NO_FUNCS
 RELIVE_FUNC(STR(OBJECT), f, 0, f_v);
 #ifndef ONLY_F
 RELIVE_FUNC(STR(OBJECT), g, 0, g_v);
+#endif
 #endif
 #ifdef STALL
 RELIVE_FUNC("exe", held, 0, held_v);

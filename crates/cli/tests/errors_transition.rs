@@ -147,6 +147,11 @@ fn serial_t_issue7_apply_refusals_leave_target_unchanged() {
         3,
         &["relive_test_exported_by_nobody", "RELIVE_IMPORT", "-rdynamic"],
     );
+    // No RELIVE_FUNC at all: legal (SPEC D4), but check says what applying it would (not) do.
+    let p = patch("nofuncs", &["NO_FUNCS=1"]);
+    let o = relive(&["check", &pid, p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("declares no function"), "{}", text(&o));
     // A patch that links (it uses the target's exported oracle_mix and libc): check says so.
     let p = patch("links", &[]);
     let o = relive(&["check", &pid, p.to_str().unwrap()]);

@@ -550,6 +550,9 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     }
     // A patch that cannot link would fail in the agent's dlopen: refuse it here, with the names.
     patchfile::link_check(pid, &s.image, &pf).map_err(|e| Fail::Refused(anyhow!("{e}")))?;
+    if let Some(note) = patchfile::no_function_note(&pf) {
+        progress.step(&note);
+    }
     rep.not_loaded = prepared
         .objects
         .iter()

@@ -836,6 +836,13 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
     };
     let mut p = prepare_with(pid, &image, &doc, pf, allow_stacking);
     general.extend(p.general.iter().cloned());
+    if let Some(note) = no_function_note(pf) {
+        general.push(Verdict {
+            what: "functions".into(),
+            ok: true,
+            detail: note,
+        });
+    }
     match link_check(pid, &image, pf) {
         Ok(detail) => general.push(Verdict {
             what: "dynamic linking".into(),
@@ -903,6 +910,24 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
         general,
         funcs,
     })
+}
+
+/// For a patch that declares no function (legal, SPEC D4: an object's funcs may be empty): what applying
+/// it does, since a forgotten RELIVE_FUNC looks just like it.
+pub fn no_function_note(pf: &PatchFile) -> Option<String> {
+    if pf.manifest.objects.iter().any(|o| !o.funcs.is_empty()) {
+        return None;
+    }
+    Some(format!(
+        "patch {} declares no function (no RELIVE_FUNC): applying it only runs its callbacks and sets its \
+         states{}",
+        pf.name,
+        if pf.manifest.replace {
+            ", and, as a replace patch, disables every other patch (their functions go back to the original)"
+        } else {
+            "; nothing is redirected"
+        }
+    ))
 }
 
 /// Whether the patch links in `pid` (what the target's `dlopen` would say): every symbol it needs and does
