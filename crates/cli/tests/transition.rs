@@ -151,7 +151,26 @@ fn serial_t_issue5_3_replace_drops_a_without_its_callbacks() {
     let b = patch("rb", &["VERSION=3", "REPLACE=1", "CALLBACKS=1"]);
     ok(&["apply", &pid, a.to_str().unwrap()]);
     t.wait_workers(2);
-    ok(&["apply", &pid, b.to_str().unwrap()]);
+    // check and apply say what a replace patch does to the active ones (R1).
+    let o = relive(&["check", &pid, b.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("disables patch ra") && text(&o).contains("carries every function they patch"),
+        "{}",
+        text(&o)
+    );
+    let only_f = patch("rc", &["VERSION=3", "REPLACE=1", "ONLY_F=1"]);
+    let o = relive(&["check", &pid, only_f.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("the function it does not carry goes back to the original code")
+            && text(&o).contains(":g"),
+        "{}",
+        text(&o)
+    );
+    let o = relive(&["--json", "apply", &pid, b.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["replaced"], serde_json::json!(["ra"]), "{j}");
+    assert_eq!(j["reverted"], serde_json::json!([]), "{j}");
     let st = t.wait_workers(3);
     assert_eq!(num(&st, "mix"), 0);
     assert!(

@@ -120,6 +120,10 @@ pub struct Report {
     /// transition without replace: SPEC C11 (5.18) marks only the transition patch of an unpatching
     /// transition, or the patches a replace patch removes.
     pub forced_patches: Vec<String>,
+    /// apply of a replace patch (R1): the active patches it disables.
+    pub replaced: Vec<String>,
+    /// …and their functions it does not carry, which go back to the original code (`object:function`).
+    pub reverted: Vec<String>,
     /// Threads `force` switched without a stack check (C11).
     pub forced_threads: usize,
     /// Objects the patch names that the process has not loaded: accepted, but nothing in them is patched
@@ -183,7 +187,7 @@ impl Report {
             }
             o => format!(
                 "{} of patch {patch} in pid {}: {o} ({} threads; {} switched by this command after a stack check in \
-                 {} rounds{}, {:.1} ms{}){}",
+                 {} rounds{}, {:.1} ms{}){}{}",
                 self.operation,
                 self.pid,
                 self.threads,
@@ -214,6 +218,19 @@ impl Report {
                         "; nothing patched in {}: not loaded in pid {} (objects loaded later are not patched)",
                         self.not_loaded.join(", "),
                         self.pid
+                    )
+                },
+                if self.replaced.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; replaced {}{}",
+                        self.replaced.join(", "),
+                        if self.reverted.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (back to the original: {})", self.reverted.join(", "))
+                        }
                     )
                 }
             ),
@@ -552,6 +569,11 @@ pub fn apply(pid: i32, path: &Path, opts: &Options, progress: &mut dyn Progress)
     patchfile::link_check(pid, &s.image, &pf).map_err(|e| Fail::Refused(anyhow!("{e}")))?;
     if let Some(note) = patchfile::no_function_note(&pf) {
         progress.step(&note);
+    }
+    if let Some((replaced, reverted)) = prepared.replace_effect(&s.doc, &pf) {
+        progress.step(&patchfile::replace_text(&replaced, &reverted));
+        rep.replaced = replaced;
+        rep.reverted = reverted;
     }
     rep.not_loaded = prepared
         .objects

@@ -134,6 +134,36 @@ impl Prepared {
         })
     }
 
+    /// For a replace patch (R1): the active patches it disables, and the functions of theirs it does not
+    /// carry, which go back to the original code (`object:function`). `None` for any other patch, or when
+    /// nothing else is active.
+    pub fn replace_effect(&self, doc: &Doc, pf: &PatchFile) -> Option<(Vec<String>, Vec<String>)> {
+        if !pf.manifest.replace {
+            return None;
+        }
+        let carried: Vec<&FuncId> = self
+            .objects
+            .iter()
+            .flat_map(|o| o.funcs.iter().map(|r| &r.func))
+            .collect();
+        let mut replaced = vec![];
+        let mut reverting = vec![];
+        for q in doc.model.patches().iter().filter(|q| q.name != pf.name) {
+            replaced.push(q.name.clone());
+            for (_, f) in q.funcs().filter(|(_, f)| !f.nop) {
+                if !carried.contains(&&f.id) {
+                    let obj = f.id.object.to_string();
+                    let short = obj.rsplit('/').next().unwrap_or(&obj).to_string();
+                    let name = format!("{short}:{}", f.id.name);
+                    if !reverting.contains(&name) {
+                        reverting.push(name);
+                    }
+                }
+            }
+        }
+        (!replaced.is_empty()).then_some((replaced, reverting))
+    }
+
     /// The spec with the new ranges of the loaded library.
     pub fn spec(&self, rec: &PatchRec) -> PatchSpec {
         self.spec_with(|f| {
@@ -843,6 +873,13 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
             detail: note,
         });
     }
+    if let Some((replaced, reverting)) = p.replace_effect(&doc, pf) {
+        general.push(Verdict {
+            what: "replace (R1)".into(),
+            ok: true,
+            detail: replace_text(&replaced, &reverting),
+        });
+    }
     match link_check(pid, &image, pf) {
         Ok(detail) => general.push(Verdict {
             what: "dynamic linking".into(),
@@ -910,6 +947,30 @@ pub fn check(pid: i32, pf: &PatchFile, allow_stacking: bool) -> Result<CheckRepo
         general,
         funcs,
     })
+}
+
+/// What a replace patch does to the patches it replaces, in words (check's verdict, apply's progress).
+pub fn replace_text(replaced: &[String], reverting: &[String]) -> String {
+    let mut t = format!(
+        "as a replace patch it disables {} {} (their unpatch callbacks do not run)",
+        if replaced.len() == 1 { "patch" } else { "patches" },
+        replaced.join(", ")
+    );
+    if reverting.is_empty() {
+        t.push_str("; it carries every function they patch");
+    } else {
+        t.push_str(&format!(
+            "; {} it does not carry go{} back to the original code: {}",
+            if reverting.len() == 1 {
+                "the function"
+            } else {
+                "the functions"
+            },
+            if reverting.len() == 1 { "es" } else { "" },
+            reverting.join(", ")
+        ));
+    }
+    t
 }
 
 /// For a patch that declares no function (legal, SPEC D4: an object's funcs may be empty): what applying
