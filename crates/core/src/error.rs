@@ -136,7 +136,8 @@ pub enum Error {
     /// L2.4 / L7 / CB5: a pre_patch callback returned non-zero; the enable was cancelled.
     #[error(
         "patch '{patch}': pre_patch callback of object '{object}' failed with {code}; the enable was cancelled \
-         and the target is unpatched; fix the condition the callback reports and apply again"
+         and nothing of this patch was applied (patches already active stay as they were); fix the condition \
+         the callback reports and apply again"
     )]
     PrePatchFailed {
         patch: String,

@@ -30,6 +30,8 @@ pub struct Batch {
     pub guards: Vec<Range<u64>>,
     /// The new value of each touched entry's `current`.
     pub currents: Vec<(FuncId, u64)>,
+    /// What the writes do, for the progress line of a stop-all window ("" when the targets are mixed).
+    pub purpose: &'static str,
 }
 
 impl Batch {
@@ -191,7 +193,10 @@ fn with_end_mark(code: &[u8]) -> Vec<u8> {
 
 /// Plans the writes that make every entry in `targets` lead where the model says.
 pub fn plan_batch(s: &Session, targets: &[(FuncId, EntryTarget)]) -> Result<Batch, Fail> {
-    let mut b = Batch::default();
+    let mut b = Batch {
+        purpose: batch_purpose(targets.iter().map(|(_, t)| t)),
+        ..Batch::default()
+    };
     for (func, target) in targets {
         let rec = s.doc.entry(func).ok_or_else(|| {
             Fail::Error(anyhow!(
@@ -349,7 +354,11 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
             Err(why) => tracing::info!(pid, "stop-free entry write not possible: {why}"),
         }
     }
-    progress.step(&writing_under_one_stop(b.writes.len()));
+    progress.step(&format!(
+        "{}{}",
+        writing_under_one_stop(b.writes.len()),
+        b.purpose
+    ));
     let needs_full_check = b.writes.iter().any(|(_, w)| !w.stop_free);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempts = 0u32;
@@ -639,6 +648,26 @@ fn retire_stubs_where(
     Ok(true)
 }
 
+/// What a batch's writes do, when all its targets are of one kind (the suffix of the progress line).
+fn batch_purpose<'a>(mut targets: impl Iterator<Item = &'a EntryTarget>) -> &'static str {
+    let kind = |t: &EntryTarget| match t {
+        EntryTarget::Dispatch { .. } => 0,
+        EntryTarget::Direct { .. } => 1,
+        EntryTarget::Original => 2,
+    };
+    let Some(first) = targets.next().map(kind) else {
+        return "";
+    };
+    if !targets.all(|t| kind(t) == first) {
+        return "";
+    }
+    match first {
+        0 => ": to the per-thread dispatchers, for the transition",
+        1 => ": straight to the active code, now that every thread has switched",
+        _ => ": back to the original code",
+    }
+}
+
 /// The progress line of a stop-all entry write: "writing 1 entry …", "writing 2 entries …".
 fn writing_under_one_stop(n: usize) -> String {
     let noun = if n == 1 { "entry" } else { "entries" };
@@ -657,5 +686,16 @@ mod tests {
             super::writing_under_one_stop(2),
             "writing 2 entries under one stop of every thread"
         );
+    }
+
+    #[test]
+    fn a_batch_says_what_its_writes_do() {
+        use relive_core::EntryTarget;
+        let o = EntryTarget::Original;
+        assert_eq!(
+            super::batch_purpose([&o, &o].into_iter()),
+            ": back to the original code"
+        );
+        assert_eq!(super::batch_purpose(std::iter::empty()), "");
     }
 }
