@@ -20,7 +20,8 @@
  * Rules:
  *  - new functions, callbacks and import slots must be exported (not static; the macros mark them
  *    `visibility("default")` where they define them, so -fvisibility=hidden is fine for the rest);
- *  - callbacks are `int fn(void)`; a non-zero pre_patch refuses the patch (SPEC CB1, CB5);
+ *  - callbacks are `int fn(void)`; a non-zero pre_patch refuses the patch (SPEC CB1, CB5); what the
+ *    other three return is ignored (see RELIVE_CALLBACK);
  *  - a patch must not use initial-exec TLS (DESIGN §4.2): plain `__thread` in a -fPIC shared
  *    object is general-dynamic, which is fine;
  *  - names are C identifiers; object names and build-ids are string literals without spaces.
@@ -59,7 +60,14 @@
                    "\n");                                                                          \
     __attribute__((used)) static const void *const RELIVE__UNIQ(relive__keep_) = (const void *)&new_fn
 
-/* A callback of an object: kind is pre_patch, post_patch, pre_unpatch or post_unpatch. */
+/* A callback of an object: kind is pre_patch, post_patch, pre_unpatch or post_unpatch; fn is
+ * `int fn(void)`. Callbacks run in the target on the agent's service thread, and only for objects the
+ * process has loaded (SPEC CB1). Only pre_patch can fail a transition: a non-zero return cancels the
+ * apply (exit 3, the target unpatched) and that object's post_unpatch does not run (SPEC CB5). relive
+ * ignores what post_patch, pre_unpatch and post_unpatch return: the apply or disable goes on and
+ * succeeds, so put any check that may refuse in pre_patch. post_unpatch runs only if pre_patch
+ * returned 0 or is absent. The patches a replace patch takes over from get no pre_unpatch and no
+ * post_unpatch (docs/FAQ.md). */
 #define RELIVE_CALLBACK(object, kind, fn)                                               \
     RELIVE__RECORD("callback object=" object " kind=" #kind " fn=" #fn "\n");           \
     __attribute__((used)) static int (*const RELIVE__UNIQ(relive__keep_))(void) = &fn
