@@ -77,7 +77,17 @@
     RELIVE__RECORD("state id=" RELIVE__STR(id) " version=" RELIVE__STR(version) "\n")
 
 /* An import: defines the exported slot `type slot`, which relive fills with the address of the
- * target symbol `name` (sympos as for RELIVE_FUNC) of `object` before enabling the patch. */
+ * target symbol `name` (sympos as for RELIVE_FUNC) of `object` before enabling the patch (before
+ * pre_patch runs). `name` is a function or a variable (not a thread-local one), and need not be
+ * exported: relive looks in .symtab and debug files too.
+ *
+ * The macro expands to `type slot`, so `type` must end before the slot's name: a function-pointer
+ * type needs a typedef first. `void (*)(const char *)` written in place does not compile; this does,
+ * and the patch then calls the target's static log_line(msg) as p_log_line(msg):
+ *
+ *   typedef void (*log_line_fn)(const char *);
+ *   RELIVE_IMPORT("exe", log_line, 0, log_line_fn, p_log_line);
+ */
 #define RELIVE_IMPORT(object, name, sympos, type, slot)                                          \
     RELIVE__RECORD("import object=" object " name=" #name " sympos=" RELIVE__STR(sympos) " slot=" #slot \
                    "\n");                                                                         \
