@@ -15,6 +15,8 @@
  *   -DSTATIC_NEW=1     also replaces `held` with a `static` new version (not exported: dlsym cannot find it)
  *   -DUNDEF=1          uses a variable no object of the target exports (the patch's dlopen would fail)
  *   -DNO_FUNCS=1       declares no function at all (a forgotten RELIVE_FUNC)
+ *   -DSECOND=soname    also declares object `soname` with pre_patch and post_unpatch callbacks only (they
+ *                      print "callback <name> <kind> second"); with FAIL_PRE, its pre_patch fails too
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
  * the new f must reach the new g, and the old f the old g; any mix is counted in oracle_mix.
  */
@@ -141,6 +143,26 @@ int cb_post_unpatch(void) {
     fflush(stdout);
     return 0;
 }
+#endif
+
+#ifdef SECOND
+int cb2_pre_patch(void) {
+    printf("callback " STR(PATCH_NAME) " pre_patch second\n");
+    fflush(stdout);
+#ifdef FAIL_PRE
+    return -22;
+#else
+    return 0;
+#endif
+}
+int cb2_post_unpatch(void) {
+    printf("callback " STR(PATCH_NAME) " post_unpatch second\n");
+    fflush(stdout);
+    return 0;
+}
+RELIVE_OBJECT(STR(SECOND), "");
+RELIVE_CALLBACK(STR(SECOND), pre_patch, cb2_pre_patch);
+RELIVE_CALLBACK(STR(SECOND), post_unpatch, cb2_post_unpatch);
 #endif
 
 #ifdef CALLBACKS

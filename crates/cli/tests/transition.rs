@@ -273,6 +273,34 @@ fn serial_t_issue5_7_failing_pre_patch_leaves_nothing_cb5() {
     );
     let st = t.wait_workers(1);
     assert_eq!(num(&st, "mix"), 0);
+    // Two objects whose pre_patch both fail: the first failure cancels the enable, so the other's pre_patch
+    // never runs (CB5), and nothing stays behind: the patch is not active, `disable` has nothing to do and
+    // a good patch applies next. Before, every pre_patch ran, the model refused the results, and the patch
+    // stayed stuck in transition.
+    let two = patch(
+        "fp2",
+        &["VERSION=2", "CALLBACKS=1", "FAIL_PRE=1", "SECOND=libc.so.6"],
+    );
+    let o = relive(&["apply", &pid, two.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let cbs: Vec<String> = t.callbacks().into_iter().filter(|c| c.contains("fp2")).collect();
+    assert_eq!(
+        cbs.len(),
+        1,
+        "CB5: one pre_patch ran and failed, no other callback: {cbs:?}"
+    );
+    assert!(cbs[0].contains("pre_patch"), "{cbs:?}");
+    assert!(
+        !t.maps().contains(two.to_str().unwrap()),
+        "the patch library stayed mapped"
+    );
+    let o = relive(&["disable", &pid, "fp2"]);
+    assert_eq!(o.status.code(), Some(3), "fp2 is not active: {}", text(&o));
+    let good = patch("fpok", &["VERSION=2"]);
+    ok(&["apply", &pid, good.to_str().unwrap()]);
+    t.wait_workers(2);
+    ok(&["disable", &pid, "fpok"]);
+    t.wait_workers(1);
 }
 
 /// DESIGN §3 step 5: a target without the agent gets it injected by `apply` (one remote dlopen, §4.6).

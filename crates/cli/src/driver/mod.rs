@@ -324,6 +324,7 @@ fn perform(
     });
     let mut entries_done = entries.is_empty();
     let mut image_done = image.is_none();
+    let mut pre_patch_failed = false;
     for step in &out.steps {
         match step {
             Step::Event(e) => {
@@ -353,6 +354,12 @@ fn perform(
                 }
                 // C2 and L3.5: with per-transition slot values these need no write (see the module docs).
                 Action::WriteThreadState { .. } => {}
+                // CB5/L7: the first pre_patch that fails cancels the enable; no later one runs (the model
+                // takes the results up to and including that one, Model::start).
+                Action::RunCallback {
+                    kind: CallbackKind::PrePatch,
+                    ..
+                } if pre_patch_failed => {}
                 Action::RunCallback {
                     patch,
                     object,
@@ -360,7 +367,9 @@ fn perform(
                     prev_states,
                 } => {
                     states::sync(s, Some(patch.as_str()), prev_states)?;
-                    results.push(run_callback(s, patch, object, *kind)?);
+                    let r = run_callback(s, patch, object, *kind)?;
+                    pre_patch_failed |= *kind == CallbackKind::PrePatch && r != 0;
+                    results.push(r);
                 }
                 Action::SignalThreads { tids } => {
                     tracing::info!(pid = s.pid, "C8: {} threads still pending", tids.len());
