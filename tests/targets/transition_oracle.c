@@ -75,6 +75,26 @@ ENTRY int f(long x) {
 }
 #endif
 
+#ifdef COLD_PART
+/* -DCOLD_PART: `coldy`, whose split-off cold part (coldy.cold, as GCC names it) jumps back to coldy+2, inside
+ * the 5 bytes an entry jump would overwrite: relive must refuse to patch coldy (issue 5, "branch target inside
+ * the overwritten bytes"). Never called. */
+__asm__(".text\n"
+        ".globl coldy\n"
+        ".type coldy, @function\n"
+        "coldy:\n"
+        "  test %edi, %edi\n"
+        "  js coldy.cold\n"
+        "  mov %edi, %eax\n"
+        "  ret\n"
+        ".size coldy, .-coldy\n"
+        ".type coldy.cold, @function\n"
+        "coldy.cold:\n"
+        "  neg %edi\n"
+        "  jmp coldy+2\n"
+        ".size coldy.cold, .-coldy.cold\n");
+#endif
+
 /* Shorter than the 5-byte entry jump: relive must refuse to patch it (issue 7 error tests). */
 __attribute__((noipa)) void tiny(void) {
 }

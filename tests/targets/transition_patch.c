@@ -15,6 +15,8 @@
  *   -DSTATIC_NEW=1     also replaces `held` with a `static` new version (not exported: dlsym cannot find it)
  *   -DUNDEF=1          uses a variable no object of the target exports (the patch's dlopen would fail)
  *   -DNO_FUNCS=1       declares no function at all (a forgotten RELIVE_FUNC)
+ *   -DCOLDY=1          also replaces `coldy` (an oracle built with -DCOLD_PART), whose cold part jumps into its
+ *                      first bytes (refused)
  *   -DSECOND=soname    also declares object `soname` with pre_patch and post_unpatch callbacks only (they
  *                      print "callback <name> <kind> second"); with FAIL_PRE, its pre_patch fails too
  * New f calls g through the executable's symbol, so g's entry dispatches per thread: a thread that entered
@@ -104,6 +106,13 @@ __attribute__((used)) static long held_static(long x) {
     return x;
 }
 RELIVE_FUNC("exe", held, 0, held_static);
+#endif
+
+#ifdef COLDY
+int coldy_v(int x) {
+    return x;
+}
+RELIVE_FUNC("exe", coldy, 0, coldy_v);
 #endif
 
 #ifdef UNDEF

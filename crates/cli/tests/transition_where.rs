@@ -40,6 +40,30 @@ fn serial_t_issue5_6_patchable_function_entry_pad() {
     cycle(&mut t, &pid, p.to_str().unwrap(), "pfe");
 }
 
+/// Issue 5 "refuse … a function that has a branch target inside the overwritten bytes", when the branch comes
+/// from the function's split-off cold part (`coldy.cold`, a separate symbol): check and apply refuse coldy.
+#[test]
+fn serial_t_issue5_entry_refused_when_its_cold_part_jumps_into_the_overwritten_bytes() {
+    let flags = [TARGET_FLAGS, &["-DCOLD_PART"]].concat();
+    let t = oracle_with(&flags, &["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("coldy", &["VERSION=2", "COLDY=1"]);
+    let maps = t.maps();
+    for cmd in ["check", "apply"] {
+        let o = relive(&[cmd, &pid, p.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(3), "{cmd}: {}", text(&o));
+        let m = text(&o);
+        assert!(
+            m.contains("coldy") && m.contains("inside the bytes"),
+            "{cmd}: {m}"
+        );
+    }
+    assert!(
+        !t.maps().contains(p.to_str().unwrap()) && t.maps() == maps,
+        "apply changed the memory map"
+    );
+}
+
 /// Test 6: f and g live in a shared library of the target.
 #[test]
 fn serial_t_issue5_6_function_in_a_shared_library() {

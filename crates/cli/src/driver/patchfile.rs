@@ -435,7 +435,37 @@ pub fn prepare_with(
                     addr: old_avma,
                     bytes,
                 };
-                match relive_x86::analyze_entry(fb, &EntryContext::default()) {
+                // GCC's split-off cold part (`f.cold`, `f.cold.N`) jumps back into f: a jump into the
+                // overwritten bytes refuses the entry. Jump tables are read from the target's memory.
+                let cold_prefix = format!("{}.cold", f.old);
+                let cold: Vec<(String, u64, &[u8])> = m
+                    .symbols
+                    .symbols
+                    .iter()
+                    .filter(|c| c.kind.is_function() && c.name.starts_with(&cold_prefix))
+                    .filter_map(|c| {
+                        let b = function_bytes(m, c.addr, c.size)?;
+                        Some((c.name.clone(), c.addr.to_avma(m.bias).0, b))
+                    })
+                    .collect();
+                let related: Vec<FunctionBytes> = cold
+                    .iter()
+                    .map(|(name, addr, bytes)| FunctionBytes {
+                        name,
+                        addr: *addr,
+                        bytes,
+                    })
+                    .collect();
+                let read_data = |addr: u64, len: usize| {
+                    let mut b = vec![0u8; len];
+                    relive_proc::read_memory(pid, addr, &mut b).ok().map(|_| b)
+                };
+                let ctx = EntryContext {
+                    related: &related,
+                    read_data: Some(&read_data),
+                    ..EntryContext::default()
+                };
+                match relive_x86::analyze_entry(fb, &ctx) {
                     Ok(plan) => {
                         // The target's memory must still hold what the file says (no foreign patcher).
                         let mut cur = vec![0u8; plan.original.len()];
