@@ -339,6 +339,16 @@ pub fn read_registry(loc: &AgentLocation) -> Result<Snapshot> {
                 if u64::from_le_bytes(g) != g1 {
                     continue;
                 }
+                // The registry lives in the agent's writable data. A dlopen still under way (its
+                // controller killed mid-injection, the target finishing the call on its own) first maps
+                // the whole file read-only: the bytes there are the file's, not a registry.
+                if read_maps(pid).is_ok_and(|maps| {
+                    maps.iter()
+                        .find(|m| (m.start..m.end).contains(&addr))
+                        .is_none_or(|m| !m.perms.starts_with("rw"))
+                }) {
+                    return Err(AgentError::Initializing { pid });
+                }
                 return Err(AgentError::Registry { pid, addr, source });
             }
         };
