@@ -51,6 +51,32 @@ pub struct ElfImage {
     pub soname: Option<String>,
 }
 
+/// The strings of every `.dynamic` entry tagged `tag` (`DT_SONAME`, `DT_NEEDED`), in order.
+pub(crate) fn dynamic_strings(
+    file: &ElfFile64<'_, Endianness>,
+    data: &[u8],
+    tag: elf::DynamicTag,
+) -> Vec<String> {
+    let endian = file.endian();
+    let mut out = vec![];
+    let sections = file.elf_section_table();
+    for s in sections.iter() {
+        if s.sh_type(endian) == elf::SHT_DYNAMIC
+            && let Ok(Some((dyns, link))) = s.dynamic(endian, data)
+            && let Ok(strs) = sections.strings(endian, data, link)
+        {
+            for d in dyns {
+                if d.d_tag(endian) == tag
+                    && let Ok(n) = strs.get(d.d_val(endian) as u32)
+                {
+                    out.push(String::from_utf8_lossy(n).into_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
 fn section(file: &ElfFile64<'_, Endianness>, name: &str) -> Option<SectionRange> {
     let s = file.section_by_name(name)?;
     let (off, _) = s.file_range()?;
@@ -83,22 +109,7 @@ impl ElfImage {
                 });
             }
         }
-        let mut soname = None;
-        let sections = file.elf_section_table();
-        for s in sections.iter() {
-            if s.sh_type(endian) == elf::SHT_DYNAMIC
-                && let Ok(Some((dyns, link))) = s.dynamic(endian, data)
-                && let Ok(strs) = sections.strings(endian, data, link)
-            {
-                for d in dyns {
-                    if d.d_tag(endian) == elf::DT_SONAME
-                        && let Ok(n) = strs.get(d.d_val(endian) as u32)
-                    {
-                        soname = Some(String::from_utf8_lossy(n).into_owned());
-                    }
-                }
-            }
-        }
+        let soname = dynamic_strings(&file, data, elf::DT_SONAME).pop();
         Ok(ElfImage {
             build_id: file.build_id().ok().flatten().map(|b| b.to_vec()),
             is_dyn: hdr.e_type(endian) == elf::ET_DYN,

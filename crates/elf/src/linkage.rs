@@ -4,7 +4,7 @@
 
 use object::Endianness;
 use object::elf;
-use object::read::elf::{Dyn, ElfFile64, SectionHeader, Sym};
+use object::read::elf::{ElfFile64, Sym};
 use std::collections::HashSet;
 
 /// The dynamic linkage of one ELF file.
@@ -46,21 +46,7 @@ pub fn dynamic_linkage(data: &[u8]) -> Option<DynamicLinkage> {
             out.exported.insert(name);
         }
     }
-    let sections = file.elf_section_table();
-    for s in sections.iter() {
-        if s.sh_type(endian) == elf::SHT_DYNAMIC
-            && let Ok(Some((dyns, link))) = s.dynamic(endian, data)
-            && let Ok(strs) = sections.strings(endian, data, link)
-        {
-            for d in dyns {
-                if d.d_tag(endian) == elf::DT_NEEDED
-                    && let Ok(n) = strs.get(d.d_val(endian) as u32)
-                {
-                    out.needed.push(String::from_utf8_lossy(n).into_owned());
-                }
-            }
-        }
-    }
+    out.needed = crate::image::dynamic_strings(&file, data, elf::DT_NEEDED);
     Some(out)
 }
 
