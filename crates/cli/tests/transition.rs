@@ -296,6 +296,28 @@ fn serial_t_issue5_7_failing_pre_patch_leaves_nothing_cb5() {
     );
     let o = relive(&["disable", &pid, "fp2"]);
     assert_eq!(o.status.code(), Some(3), "fp2 is not active: {}", text(&o));
+    // Only the executable's pre_patch fails. If the other object's ran first (and succeeded), the cancel
+    // pairs it with its post_unpatch (CB2); if the executable's ran first, nothing else runs (CB5).
+    let mixed = patch(
+        "fp3",
+        &[
+            "VERSION=2",
+            "CALLBACKS=1",
+            "FAIL_PRE=1",
+            "SECOND=libc.so.6",
+            "SECOND_OK=1",
+        ],
+    );
+    let o = relive(&["apply", &pid, mixed.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let cbs: Vec<String> = t.callbacks().into_iter().filter(|c| c.contains("fp3")).collect();
+    let exe_first = ["callback fp3 pre_patch"];
+    let second_first = [
+        "callback fp3 pre_patch second",
+        "callback fp3 pre_patch",
+        "callback fp3 post_unpatch second",
+    ];
+    assert!(cbs == exe_first || cbs == second_first, "CB2/CB5: {cbs:?}");
     let good = patch("fpok", &["VERSION=2"]);
     ok(&["apply", &pid, good.to_str().unwrap()]);
     t.wait_workers(2);
