@@ -55,13 +55,16 @@ pub struct Symbol {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
     #[error(
-        "{what} {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name); check the spelling; a static {what} of a stripped object needs its debug file, installed by build-id under /usr/lib/debug/.build-id/ (the distribution's debug package); a static function the compiler inlined into all its callers has no symbol left (build the target with noinline on it)"
+        "{what} {name} not found in {object} (no .symtab, .dynsym or debug-file symbol has that name){}; check the spelling; a static {what} of a stripped object needs its debug file, installed by build-id under /usr/lib/debug/.build-id/ (the distribution's debug package); a static function the compiler inlined into all its callers has no symbol left (build the target with noinline on it)",
+        did_you_mean(similar)
     )]
     NotFound {
         object: String,
         name: String,
         /// "function" (a function to patch) or "symbol" (an import: a function or a variable).
         what: &'static str,
+        /// Names of that kind in the object that are close to `name` (a typo), best first.
+        similar: Vec<String>,
     },
     #[error("{what} {name} is ambiguous in {object}: {} candidates ({}); give sympos 1..={} to pick one (SPEC D5)",
         candidates.len(),
@@ -92,6 +95,14 @@ pub enum ResolveError {
         name: String,
         addr: Svma,
     },
+}
+
+fn did_you_mean(similar: &[String]) -> String {
+    match similar {
+        [] => String::new(),
+        [one] => format!("; did you mean {one}?"),
+        many => format!("; did you mean one of {}?", many.join(", ")),
+    }
 }
 
 /// All function and object symbols of one object, in symbol-table order (`.symtab`, then `.dynsym`
@@ -288,6 +299,28 @@ impl SymbolTable {
         })
     }
 
+    /// Up to three names of `kind` within a small edit distance of `name` (typos: a letter missing, extra,
+    /// swapped or wrong; case), closest first. Computed only for an error.
+    fn similar_names(&self, name: &str, kind: &impl Fn(SymKind) -> bool) -> Vec<String> {
+        // Names of one or two letters are close to too many others to suggest anything.
+        if name.chars().count() < 3 {
+            return vec![];
+        }
+        let max = (name.chars().count() / 4).clamp(1, 3);
+        let mut close: Vec<(usize, &str)> = self
+            .symbols
+            .iter()
+            .filter(|s| kind(s.kind) && s.name != name)
+            .filter_map(|s| {
+                let d = strsim::damerau_levenshtein(&name.to_lowercase(), &s.name.to_lowercase());
+                (d <= max).then_some((d, s.name.as_str()))
+            })
+            .collect();
+        close.sort();
+        close.dedup_by(|a, b| a.1 == b.1);
+        close.into_iter().take(3).map(|(_, n)| n.to_string()).collect()
+    }
+
     fn resolve_among(
         &self,
         object: &str,
@@ -307,6 +340,7 @@ impl SymbolTable {
                 object: object.into(),
                 name: name.into(),
                 what,
+                similar: self.similar_names(name, &kind),
             }),
             (0, 1) => Ok(cands[0]),
             (0, _) => Err(ResolveError::Ambiguous {
@@ -416,6 +450,18 @@ mod tests {
         assert_eq!(t.resolve("x", "dup", 0).unwrap().addr, Svma(0x1100));
         let e = t.resolve_import("x", "nope", 0).unwrap_err().to_string();
         assert!(e.starts_with("symbol nope not found in x"), "{e}");
+        assert!(!e.contains("did you mean"), "{e}");
+        // A typo is answered with the close names of the right kind.
+        let e = t.resolve("x", "dpu", 0).unwrap_err().to_string();
+        assert!(e.contains("; did you mean dup?"), "{e}");
+        let e = t.resolve_import("x", "Countr", 0).unwrap_err().to_string();
+        assert!(e.contains("did you mean counter?"), "{e}");
+        assert!(
+            !t.resolve("x", "countr", 0)
+                .unwrap_err()
+                .to_string()
+                .contains("did you mean")
+        );
     }
 
     #[test]
