@@ -565,6 +565,12 @@ fn serial_t_d4_9_example_patch_imports_a_static_variable() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    // check lists the import it resolved, not only imports that fail.
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("import exe:greet_calls") && out.contains("resolved to"),
+        "{out}"
+    );
     let o = relive()
         .args(["apply", &pid, patch.to_str().unwrap()])
         .output()

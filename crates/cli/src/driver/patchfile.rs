@@ -524,14 +524,22 @@ pub fn prepare_with(
                 format!("import {}:{}", imp.object, imp.name),
                 import_not_loaded(pid, &pf.name, imp),
             )),
-            Some(m) => {
-                if let Err(e) = m.symbols.resolve_import(&m.path, &imp.name, imp.sympos) {
-                    p.problems.push((
-                        format!("import {}:{}", imp.object, imp.name),
-                        format!("pid {pid}: {e}"),
-                    ));
-                }
-            }
+            Some(m) => match m.symbols.resolve_import(&m.path, &imp.name, imp.sympos) {
+                Ok(sym) => p.general.push(Verdict {
+                    what: format!("import {}:{}", imp.object, imp.name),
+                    ok: true,
+                    detail: format!(
+                        "resolved to {:#x} in {} (slot {})",
+                        sym.addr.to_avma(m.bias).0,
+                        m.path,
+                        imp.slot
+                    ),
+                }),
+                Err(e) => p.problems.push((
+                    format!("import {}:{}", imp.object, imp.name),
+                    format!("pid {pid}: {e}"),
+                )),
+            },
         }
     }
     // L1/K5/ST3: the model's checks (ranges of the new code are not needed for them).
