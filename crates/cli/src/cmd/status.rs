@@ -131,6 +131,20 @@ pub fn status_of(loc: &AgentLocation) -> Result<AgentStatus, AgentError> {
     })
 }
 
+/// A func as `FuncId` spells it (`<object>/<name>,<sympos>`, the object being a path) for a reader:
+/// `<object file name>:<name>`, with `,<sympos>` only when it picks one of several (above 1).
+fn short_func(f: &str) -> String {
+    let Some((object, rest)) = f.rsplit_once('/') else {
+        return f.to_string();
+    };
+    let object = object.rsplit('/').next().unwrap_or(object);
+    let rest = match rest.rsplit_once(',') {
+        Some((name, "0" | "1")) => name,
+        _ => rest,
+    };
+    format!("{object}:{rest}")
+}
+
 fn render(s: &AgentStatus) -> String {
     let mut out = format!(
         "pid {}: agent v{} ({}){}\n",
@@ -188,7 +202,11 @@ fn render(s: &AgentStatus) -> String {
                 format!(" [{}]", flags.join(", "))
             },
             p.path,
-            p.funcs.join(" ")
+            p.funcs
+                .iter()
+                .map(|f| short_func(f))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     if let Some(t) = &s.transition {
@@ -286,4 +304,20 @@ pub fn run(ctx: &Ctx, args: Args) -> CmdResult {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn funcs_read_as_object_file_and_name() {
+        assert_eq!(
+            super::short_func("/srv/bin/kv/handle_request,1"),
+            "kv:handle_request"
+        );
+        assert_eq!(
+            super::short_func("/lib/libchk.so/chk_sum,2"),
+            "libchk.so:chk_sum,2"
+        );
+        assert_eq!(super::short_func("weird"), "weird");
+    }
 }
