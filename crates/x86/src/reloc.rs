@@ -130,19 +130,19 @@ fn copy_as_is(
     if code.len() != len {
         return None;
     }
-    let start = instructions.first().map_or(0, Instruction::ip);
-    let end = start + len as u64;
-    let mut next = start;
+    // A relative branch to the start of an instruction of the block keeps its target in a copy of the
+    // whole block. One into the middle of an instruction does not (past the block, the copy's bytes differ:
+    // BlockEncoder sends it to the original address instead).
+    let starts: Vec<u64> = instructions.iter().map(Instruction::ip).collect();
+    let mut next = starts.first().copied().unwrap_or(0);
     for ins in instructions {
         let independent = match ins.flow_control() {
             FlowControl::Next | FlowControl::Return => true,
-            // A relative branch to an instruction of the block keeps its target in a copy of the whole
-            // block.
             FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
                 matches!(
                     ins.op0_kind(),
                     OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
-                ) && (start..end).contains(&ins.near_branch_target())
+                ) && starts.contains(&ins.near_branch_target())
             }
             _ => false,
         };
