@@ -101,12 +101,11 @@ pub fn relocate(
 }
 
 /// [`relocate`] for instructions whose original bytes are `code` (contiguous, from the first instruction's
-/// address). When none of them depends on where it runs (no RIP-relative operand, no call, no branch out of
-/// the block) and the jump back reaches with `jmp rel8`/`rel32`, the copy is the original bytes followed by
-/// that jump: what
-/// BlockEncoder computes for them, without building iced-x86's encoder tables (about 1 ms and 170 page
-/// faults in every `relive` process). Anything else goes through [`relocate`]. No instructions at all (a
-/// plan rebuilt from a record) is just the jump back.
+/// address). When none of them depends on where it runs (no RIP-relative operand, no call, no branch but to
+/// the start of one of them) and the jump back reaches with `jmp rel8`/`rel32`, the copy is the original
+/// bytes followed by that jump: what BlockEncoder computes for them, without building iced-x86's encoder
+/// tables (about 1 ms and 170 page faults in every `relive` process). Anything else goes through
+/// [`relocate`]. No instructions at all (a plan rebuilt from a record) is just the jump back.
 pub fn relocate_code(
     code: &[u8],
     instructions: &[Instruction],
