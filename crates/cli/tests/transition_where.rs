@@ -64,6 +64,25 @@ fn serial_t_issue5_entry_refused_when_its_cold_part_jumps_into_the_overwritten_b
     );
 }
 
+/// Test 6: a target built with -fpatchable-function-entry=7,5: 5 NOPs before each symbol and 2 after. The
+/// entry is a 2-byte jump at the symbol to a 5-byte jump in the NOPs before it (found through
+/// `__patchable_function_entries`); the old path is the symbol + 2.
+#[test]
+fn serial_t_issue5_6_patchable_function_entry_pad_before_the_symbol() {
+    let flags = [TARGET_FLAGS, &["-fpatchable-function-entry=7,5"]].concat();
+    let mut t = oracle_with(&flags, &["--duty", "200"]);
+    let pid = t.pid().to_string();
+    let p = patch("pfe75", &["VERSION=2"]);
+    let o = ok(&["check", &pid, p.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("2-byte pad plus a pre-entry pad"),
+        "the entry uses the pre-entry pad: {}",
+        text(&o)
+    );
+    cycle(&mut t, &pid, p.to_str().unwrap(), "pfe75");
+    cycle(&mut t, &pid, p.to_str().unwrap(), "pfe75");
+}
+
 /// Test 6: f and g live in a shared library of the target.
 #[test]
 fn serial_t_issue5_6_function_in_a_shared_library() {

@@ -48,6 +48,9 @@ pub struct ElfImage {
     pub eh_frame: Option<SectionRange>,
     pub eh_frame_hdr: Option<SectionRange>,
     pub got: Option<SectionRange>,
+    /// `__patchable_function_entries` (GCC's `-fpatchable-function-entry`): the address of every function's
+    /// NOP pad, relocated like data (read it from the process).
+    pub patchable_entries: Option<SectionRange>,
     pub soname: Option<String>,
 }
 
@@ -119,6 +122,7 @@ impl ElfImage {
             eh_frame: section(&file, ".eh_frame"),
             eh_frame_hdr: section(&file, ".eh_frame_hdr"),
             got: section(&file, ".got"),
+            patchable_entries: section(&file, "__patchable_function_entries"),
             soname,
         })
     }
@@ -234,6 +238,7 @@ mod tests {
             eh_frame: None,
             eh_frame_hdr: None,
             got: None,
+            patchable_entries: None,
             soname: None,
         };
         let maps = "\

@@ -280,6 +280,37 @@ fn function_bytes(m: &LoadedModule, addr: Svma, size: u64) -> Option<&[u8]> {
     m.data.get(off..off + size as usize)
 }
 
+/// The NOPs GCC put before the function at `addr` (`-fpatchable-function-entry=N,M`: M of them), found
+/// through the module's `__patchable_function_entries`, which records where each function's pad starts
+/// (relocated in memory, so read from the process). `None` when the module has no such record for it.
+fn pre_entry_pad(pid: i32, m: &LoadedModule, addr: u64) -> Option<Vec<u8>> {
+    let sec = m.image.patchable_entries.as_ref()?;
+    let len = (sec.svma.end - sec.svma.start) as usize;
+    if len == 0 || len > 1 << 24 {
+        return None;
+    }
+    let mut raw = vec![0u8; len];
+    relive_proc::read_memory(pid, sec.svma.start.wrapping_add(m.bias), &mut raw).ok()?;
+    // The pad of this function starts at most 64 bytes before its symbol; one recorded at the symbol itself
+    // means it has no NOPs before it.
+    let entries = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    let mut start = None;
+    for e in entries {
+        if e == addr {
+            return None;
+        }
+        if e < addr && addr - e <= 64 {
+            start = start.max(Some(e));
+        }
+    }
+    let start = start?;
+    let mut pad = vec![0u8; (addr - start) as usize];
+    relive_proc::read_memory(pid, start, &mut pad).ok()?;
+    Some(pad)
+}
+
 fn vector_width() -> (u32, VectorWidth) {
     if std::arch::is_x86_feature_detected!("avx512f") {
         (32, VectorWidth::Zmm)
@@ -460,7 +491,9 @@ pub fn prepare_with(
                     let mut b = vec![0u8; len];
                     relive_proc::read_memory(pid, addr, &mut b).ok().map(|_| b)
                 };
+                let pre_pad = pre_entry_pad(pid, m, old_avma).unwrap_or_default();
                 let ctx = EntryContext {
+                    pre_pad: &pre_pad,
                     related: &related,
                     read_data: Some(&read_data),
                     ..EntryContext::default()
