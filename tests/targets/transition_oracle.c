@@ -160,6 +160,24 @@ static void *holder(void *arg) {
     return NULL;
 }
 
+/* --leafy: a thread calls `leafy`, a leaf that clobbers almost no register (so callers in this executable may
+ * rely on the others: a new version that calls out is entered through a register-preserving thunk), every
+ * millisecond. A patch whose new leafy sleeps leaves that thread inside it, with the thunk's frame on its
+ * stack. */
+__attribute__((noinline)) long leafy(long x) {
+    return x * 3 + 1;
+}
+
+static void *leafy_caller(void *arg) {
+    (void)arg;
+    for (long n = 0;; n++) {
+        oracle_sink = leafy(n);
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
 static void *churn_one(void *arg) {
     (void)arg;
     int v = f(3);
@@ -299,13 +317,14 @@ static void *reader(void *arg) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    int stall = 0, sigs = 0, park = 0, block_trap = 0, suspend = 0;
+    int stall = 0, sigs = 0, park = 0, block_trap = 0, suspend = 0, leafy_thread = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--stall")) stall = 1;
         if (!strcmp(argv[i], "--signals")) sigs = 1;
         if (!strcmp(argv[i], "--park")) park = 1;
         if (!strcmp(argv[i], "--block-trap")) block_trap = 1;
         if (!strcmp(argv[i], "--suspend")) suspend = 1;
+        if (!strcmp(argv[i], "--leafy")) leafy_thread = 1;
         if (!strcmp(argv[i], "--churn") && i + 1 < argc) churn_total = atol(argv[++i]);
         if (!strcmp(argv[i], "--duty") && i + 1 < argc) duty = atol(argv[++i]);
     }
@@ -326,6 +345,7 @@ int main(int argc, char **argv) {
     if (park) pthread_create(&t, NULL, parker, NULL);
     if (block_trap) pthread_create(&t, NULL, trap_blocker, NULL);
     if (suspend) pthread_create(&t, NULL, suspender, NULL);
+    if (leafy_thread) pthread_create(&t, NULL, leafy_caller, NULL);
     pthread_create(&t, NULL, reader, NULL);
     tiny();
     /* Wait until every worker has made a call before declaring readiness. */

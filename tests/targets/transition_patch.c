@@ -15,6 +15,8 @@
  *   -DSTATIC_NEW=1     also replaces `held` with a `static` new version (not exported: dlsym cannot find it)
  *   -DUNDEF=1          uses a variable no object of the target exports (the patch's dlopen would fail)
  *   -DNO_FUNCS=1       declares no function at all (a forgotten RELIVE_FUNC)
+ *   -DLEAFY_SLEEP=1    also replaces `leafy` (oracle --leafy) with a version that sleeps for an hour: it calls
+ *                      out, so it is entered through a register-preserving thunk
  *   -DCOLDY=1          also replaces `coldy` (an oracle built with -DCOLD_PART), whose cold part jumps into its
  *                      first bytes (refused)
  *   -DSECOND=soname    also declares object `soname` with pre_patch and post_unpatch callbacks only (they
@@ -107,6 +109,15 @@ __attribute__((used)) static long held_static(long x) {
     return x;
 }
 RELIVE_FUNC("exe", held, 0, held_static);
+#endif
+
+#ifdef LEAFY_SLEEP
+#include <unistd.h>
+long leafy_v(long x) {
+    sleep(3600);
+    return x * 3 + 1;
+}
+RELIVE_FUNC("exe", leafy, 0, leafy_v);
 #endif
 
 #ifdef COLDY

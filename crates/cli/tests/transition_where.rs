@@ -83,6 +83,43 @@ fn serial_t_issue5_6_patchable_function_entry_pad_before_the_symbol() {
     cycle(&mut t, &pid, p.to_str().unwrap(), "pfe75");
 }
 
+/// A thread sleeping inside a new version that is entered through a register-preserving thunk (DESIGN §4.3a)
+/// has the thunk's frame on its stack: its stack unwinds reliably through it (the thunk's return site and
+/// frame size are registered with the unwinder, also by later commands), so another patch applies and
+/// reverts while it sleeps. Found by an operator trial: the thread's stack was unreliable, which stalled
+/// every later patch for 30 s.
+#[test]
+fn serial_t_issue5_a_thread_asleep_behind_a_thunk_does_not_block_other_patches() {
+    let mut t = oracle_with(TARGET_FLAGS, &["--duty", "200", "--leafy"]);
+    let pid = t.pid().to_string();
+    let sleepy = patch("leafy", &["VERSION=2", "ONLY_F=1", "LEAFY_SLEEP=1"]);
+    let o = ok(&["check", &pid, sleepy.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("thunk"),
+        "leafy is entered through a thunk: {}",
+        text(&o)
+    );
+    ok(&["apply", &pid, sleepy.to_str().unwrap(), "--timeout", "20"]);
+    t.wait_workers(2);
+    // The leafy thread is now asleep in leafy_v, under the thunk's frame.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let st = ok(&["--json", "stacks", &pid]);
+    assert!(text(&st).contains("relive thunk of patch leafy"), "{}", text(&st));
+    let other = patch("other", &["VERSION=3", "STACKING=1"]);
+    let o = relive(&[
+        "apply",
+        &pid,
+        other.to_str().unwrap(),
+        "--timeout",
+        "20",
+        "--allow-stacking",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    t.wait_workers(3);
+    ok(&["disable", &pid, "other", "--timeout", "20"]);
+    t.wait_workers(2);
+}
+
 /// Test 6: f and g live in a shared library of the target.
 #[test]
 fn serial_t_issue5_6_function_in_a_shared_library() {

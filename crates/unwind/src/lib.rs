@@ -179,6 +179,9 @@ pub struct Unwinder {
     cache: CacheX86_64,
     mods: Vec<ModInfo>,
     extra: Vec<(Range<u64>, String)>,
+    /// Return addresses inside stubs that call (relive's register-preserving thunks): the stub's frame
+    /// size there (the caller's return address is at `[rsp + size]`), and the stub's label.
+    return_sites: HashMap<u64, (u64, String)>,
     root_cache: HashMap<u64, Option<bool>>,
 }
 
@@ -211,6 +214,7 @@ impl Unwinder {
             cache: CacheX86_64::new(),
             mods: Vec::new(),
             extra: Vec::new(),
+            return_sites: HashMap::new(),
             root_cache: HashMap::new(),
         };
         for m in modules {
@@ -252,9 +256,24 @@ impl Unwinder {
         self.extra.push((range, label.into()));
     }
 
-    /// Removes a registered code range.
+    /// Removes a registered code range, and the return sites inside it.
     pub fn remove_code_range(&mut self, start: u64) {
+        let gone: Vec<Range<u64>> = self
+            .extra
+            .iter()
+            .filter(|(r, _)| r.start == start)
+            .map(|(r, _)| r.clone())
+            .collect();
         self.extra.retain(|(r, _)| r.start != start);
+        self.return_sites
+            .retain(|ra, _| !gone.iter().any(|r| r.contains(ra)));
+    }
+
+    /// A stub that calls (a register-preserving thunk, DESIGN §4.3a) has a frame while its callee runs: at
+    /// the return address `ra` of its call, the caller's return address is at `[rsp + frame_size]`. A
+    /// stack through it then unwinds reliably, with the stub as a frame of its own (labelled `label`).
+    pub fn add_return_site(&mut self, ra: u64, frame_size: u64, label: impl Into<String>) {
+        self.return_sites.insert(ra, (frame_size, label.into()));
     }
 
     /// Whether `avma` is the start of an `rt_sigreturn` trampoline (glibc's `__restore_rt`: the exact
@@ -344,6 +363,28 @@ impl Unwinder {
             let lookup = addr.address_for_lookup();
             if frames.len() >= max_depth {
                 return Err(Unreliable::DepthLimit { max: max_depth });
+            }
+            // A thunk's frame: the return address of its call, with the frame size recorded for it.
+            if matches!(kind, FrameKind::Return)
+                && let Some((size, label)) = self.return_sites.get(&pc)
+            {
+                frames.push(Frame {
+                    pc,
+                    kind: FrameKind::Stub { label: label.clone() },
+                });
+                let slot = regs.sp() + size;
+                let ra = read(slot).map_err(|()| Unreliable::UnwindError {
+                    pc,
+                    detail: format!("cannot read the return address at {slot:#x}"),
+                })?;
+                regs.set_sp(slot + 8);
+                regs.set_ip(ra);
+                addr = FrameAddress::from_return_address(ra).ok_or(Unreliable::UnwindError {
+                    pc,
+                    detail: "null return address".into(),
+                })?;
+                kind = FrameKind::Return;
+                continue;
             }
             if let Some(label) = self.stub_for(lookup) {
                 frames.push(Frame {

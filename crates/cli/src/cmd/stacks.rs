@@ -104,6 +104,15 @@ pub fn collect(args: &Args) -> Result<StacksOut, ProcError> {
         },
     )?;
     let mut unwinder = image.unwinder();
+    // relive's own stubs and thunks have no CFI: the registry says where they are and how to step through a
+    // thunk's frame (a process without the agent has none).
+    if let Ok(loc) = relive_proc::agent::find_agent(pid)
+        && let Ok(snap) = relive_proc::agent::read_registry(&loc)
+        && snap.header.body_version == crate::driver::doc::BODY_VERSION
+        && let Ok(doc) = serde_json::from_slice::<crate::driver::doc::Doc>(&snap.body)
+    {
+        doc.register_code(&mut unwinder);
+    }
     let mut threads = Vec::with_capacity(tids.len());
     for tid in tids {
         tracing::debug!(pid, tid, "stopping and unwinding thread");

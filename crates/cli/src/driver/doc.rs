@@ -80,6 +80,31 @@ impl Default for Doc {
 }
 
 impl Doc {
+    /// Registers relive's own code with an unwinder (DESIGN §4.5: code without CFI): every stub page and
+    /// thunk page as a stub range, and every register-preserving thunk's return site with its frame size,
+    /// so that a thread inside a new version entered through a thunk unwinds reliably.
+    pub fn register_code(&self, unwinder: &mut relive_unwind::Unwinder) {
+        for e in &self.entries {
+            unwinder.add_code_range(
+                e.stub..e.stub + e.code_end(),
+                format!("relive stub of {}", e.func.name),
+            );
+        }
+        for (patch, page) in &self.thunk_pages {
+            unwinder.add_code_range(
+                *page..*page + THUNK_PAGE,
+                format!("relive thunk of patch {patch}"),
+            );
+        }
+        for p in &self.patches {
+            for f in p.objects.iter().flat_map(|o| o.funcs.iter()) {
+                if let Some((ra, size)) = f.thunk_frame {
+                    unwinder.add_return_site(ra, size, format!("relive thunk of patch {}", p.name));
+                }
+            }
+        }
+    }
+
     pub fn patch(&self, name: &str) -> Option<&PatchRec> {
         self.patches.iter().find(|p| p.name == name)
     }
@@ -135,6 +160,10 @@ pub struct FuncRec {
     /// What calls enter instead of the new version itself, if anything: its register-preserving thunk
     /// (DESIGN §4.3a), or a copy of a frameless leaf new version within the entry's `jmp rel32` reach.
     pub thunk: Option<u64>,
+    /// For a register-preserving thunk (it calls the new version, so it has a frame while that runs): the
+    /// return address of its call and its frame size there, for the unwinder (`Unwinder::add_return_site`).
+    #[serde(default)]
+    pub thunk_frame: Option<(u64, u64)>,
 }
 
 /// One patched entry: its plan, its stub page and what its jump leads to now.

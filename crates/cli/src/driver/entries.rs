@@ -360,7 +360,8 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
         b.purpose
     ));
     let needs_full_check = b.writes.iter().any(|(_, w)| !w.stop_free);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let limit = s.entry_write_limit;
+    let deadline = Instant::now() + limit;
     let mut attempts = 0u32;
     loop {
         attempts += 1;
@@ -394,8 +395,17 @@ pub fn execute(s: &mut Session, b: &Batch, progress: &mut dyn Progress) -> Resul
                 .resume()
                 .map_err(|e| proc_err(pid, "cannot resume the threads", e))?;
             if Instant::now() > deadline {
+                let next = match s.doc.model.transition() {
+                    Some(t) => format!(
+                        "; the transition of patch {p} stays pending with no entry changed: `relive transition \
+                         {pid}` retries it, `relive disable {pid} {p}` cancels it",
+                        p = t.patch
+                    ),
+                    None => "; retry".to_owned(),
+                };
                 return Err(Fail::Error(anyhow!(
-                    "pid {pid}: for 30 s, thread {tid} kept blocking the entry writes ({why}); nothing was written; retry"
+                    "pid {pid}: for {limit:?}, thread {tid} kept blocking the entry writes ({why}); no entry was \
+                     written{next}"
                 )));
             }
             std::thread::sleep(Duration::from_micros(500 + 200 * attempts.min(20) as u64));

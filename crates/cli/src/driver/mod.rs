@@ -178,9 +178,14 @@ impl Report {
                 for b in &self.blockers {
                     s.push_str(&format!("; {b}"));
                 }
+                // L6: the reverse of a patching transition is disable; of an unpatching one, apply.
+                let reverse = if self.target.as_deref() == Some("unpatched") {
+                    format!("re-enable with `relive apply {} <{patch}'s file>`", self.pid)
+                } else {
+                    format!("reverse with `relive disable {} {patch}`", self.pid)
+                };
                 s.push_str(&format!(
-                    "; wait with `relive transition {pid}`, reverse with `relive disable {pid} {patch}`, or \
-                     `relive force {pid}`",
+                    "; wait with `relive transition {pid}`, {reverse}, or `relive force {pid}`",
                     pid = self.pid
                 ));
                 s
@@ -434,6 +439,7 @@ fn drop_patch(s: &mut Session, patch: &str, unload: bool) -> Result<(), Fail> {
         s.conn.unload(rec.handle).map_err(|e| Fail::Error(anyhow!(e)))?;
         for p in pages {
             let _ = s.conn.unmap(p, doc::THUNK_PAGE);
+            s.unwinder.remove_code_range(p);
         }
     } else {
         s.save()?;

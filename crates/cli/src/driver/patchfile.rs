@@ -705,6 +705,7 @@ pub fn load(s: &mut Session, pf: &PatchFile, p: &Prepared) -> Result<PatchRec, F
                 new_addr: addr,
                 new_size: size,
                 thunk: None,
+                thunk_frame: None,
             });
         }
         for cb in [&c.pre_patch, &c.post_patch, &c.pre_unpatch, &c.post_unpatch]
@@ -836,10 +837,12 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                     .map(|c| r.preserve.minus(r.preserve.minus(c)))
                     .unwrap_or(r.preserve)
             };
+            let mut frame = None;
             let (at, bytes) = if !preserve.is_empty() {
                 let at = pages.slot(s, patch, target, 512, |a| relive_x86::rel32_reaches(a, target))?;
                 let t = relive_x86::encode_preserving_thunk(at, target, preserve, width, 0)
                     .map_err(|e| Fail::Error(anyhow!("pid {pid}: {e}")))?;
+                frame = Some((at + t.return_offset as u64, t.caller_ra_offset as u64));
                 (at, t.code)
             } else {
                 let plan = p
@@ -890,8 +893,15 @@ pub fn make_thunks(s: &mut Session, patch: &str, p: &Prepared) -> Result<(), Fai
                 for f in pr.objects.iter_mut().flat_map(|o| o.funcs.iter_mut()) {
                     if f.func == r.func {
                         f.thunk = Some(at);
+                        f.thunk_frame = frame;
                     }
                 }
+            }
+            // A thread inside the new version has the thunk's frame on its stack: the unwinder steps
+            // through it with the frame size the encoder reports.
+            if let Some((ra, size)) = frame {
+                s.unwinder
+                    .add_return_site(ra, size, format!("relive thunk of patch {patch}"));
             }
         }
     }

@@ -10,7 +10,7 @@ use relive_proc::agent::{self, AgentConn};
 use relive_proc::{ImageOptions, ProcessImage};
 use relive_unwind::Unwinder;
 
-use super::doc::{self, BODY_VERSION, Doc, THUNK_PAGE};
+use super::doc::{self, BODY_VERSION, Doc};
 use super::{Fail, Options};
 
 pub struct Session {
@@ -23,6 +23,9 @@ pub struct Session {
     pub unwinder: Unwinder,
     pub fs_base: HashMap<i32, u64>,
     pub max_depth: usize,
+    /// How long a stop-all entry write is retried while some thread blocks it: 30 s, or the command's
+    /// `--timeout` when shorter.
+    pub entry_write_limit: Duration,
     image_opts: ImageOptions,
     /// Set by the stop-all window that installed a transition's entries when it also settled every thread
     /// (read its slot, switched it if its stack allowed): the first switching round then visits only the
@@ -153,6 +156,9 @@ impl Session {
             unwinder,
             fs_base: HashMap::new(),
             max_depth: opts.max_depth,
+            entry_write_limit: opts
+                .timeout
+                .map_or(Duration::from_secs(30), |t| t.min(Duration::from_secs(30))),
             image_opts,
             settled_all: false,
             injected,
@@ -184,18 +190,7 @@ impl Session {
 
     /// Registers every stub page and thunk page with the unwinder (DESIGN §4.5: code without CFI).
     pub fn register_stub_ranges(&mut self) {
-        for e in &self.doc.entries {
-            self.unwinder.add_code_range(
-                e.stub..e.stub + e.code_end(),
-                format!("relive stub of {}", e.func.name),
-            );
-        }
-        for (patch, page) in &self.doc.thunk_pages {
-            self.unwinder.add_code_range(
-                *page..*page + THUNK_PAGE,
-                format!("relive thunk of patch {patch}"),
-            );
-        }
+        self.doc.register_code(&mut self.unwinder);
     }
 
     /// Reloads the process image (after a patch library was loaded or unloaded) and the unwinder.

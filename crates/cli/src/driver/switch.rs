@@ -36,7 +36,7 @@ pub struct Round {
     pub total: usize,
 }
 
-fn describe(s: &Session, outcome: &SwitchOutcome, tid: i32) -> Option<Blocker> {
+fn describe(s: &Session, outcome: &SwitchOutcome, tid: i32, unwind_why: Option<String>) -> Option<Blocker> {
     match outcome {
         SwitchOutcome::Blocked {
             function,
@@ -55,7 +55,10 @@ fn describe(s: &Session, outcome: &SwitchOutcome, tid: i32) -> Option<Blocker> {
         }
         SwitchOutcome::Unreliable(u) => Some(Blocker {
             tid,
-            reason: format!("unreliable stack: {u:?}"),
+            reason: format!(
+                "unreliable stack: {}",
+                unwind_why.unwrap_or_else(|| format!("{u:?}"))
+            ),
             function: None,
             frame: None,
             pc: None,
@@ -248,6 +251,10 @@ pub fn settle(
             .filter(|(_, f)| matches!(f.kind, FrameKind::SignalInterrupted | FrameKind::Stub { .. }))
             .map(|(i, _)| i)
             .collect();
+        let unwind_why = match &stack.verdict {
+            relive_unwind::Verdict::Unreliable(u) => Some(u.to_string()),
+            relive_unwind::Verdict::Reliable => None,
+        };
         let ts = ThreadStack {
             pcs,
             reliable: stack.verdict.is_reliable(),
@@ -264,7 +271,7 @@ pub fn settle(
                     .map_err(|e| proc_err(pid, &format!("cannot write thread {tid}'s state"), e))?;
                 stats.switched += 1;
             }
-            other => return Ok(describe(s, other, tid)),
+            other => return Ok(describe(s, other, tid, unwind_why)),
         }
     }
     Ok(None)
