@@ -413,7 +413,9 @@ fn map_stubs(st: &mut State, near: u64, len: u64) -> Response {
 /// Whether process `pid` exists (signal 0 checks existence; EPERM means it exists under another user).
 pub fn process_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 sends nothing; it only checks for existence.
-    (unsafe { libc::kill(pid as i32, 0) } == 0) || errno() == libc::EPERM
+    let exists = (unsafe { libc::kill(pid as i32, 0) } == 0) || errno() == libc::EPERM;
+    // A killed relive its parent has not reaped yet is a zombie: kill(0) succeeds, but it holds nothing.
+    exists && !std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| relive_abi::procfs::exited(&s))
 }
 
 fn lock(owner: u32) -> Response {

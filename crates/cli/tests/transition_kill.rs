@@ -145,3 +145,63 @@ fn serial_t_issue5_10_signal_handlers_calling_the_patched_function() {
     let s = t.stats();
     assert!(num(&s, "sig") > sig0 + 1000, "signal handlers ran: {s:?}");
 }
+
+/// A relive killed while it holds the controller lock, and not yet reaped by its parent (a zombie: kill(pid,
+/// 0) still succeeds), holds nothing: the next command takes the lock over, and `status` says so. Found by an
+/// operator trial (a shell that `exec`s another program never reaps its background jobs; neither does a
+/// container's pid 1 that is not an init).
+#[test]
+fn serial_t_issue5_8_a_killed_unreaped_controller_does_not_keep_the_lock() {
+    let t = oracle(&["--stall", "--duty", "200"]);
+    let pid = t.pid().to_string();
+    let s = patch("zl", &["VERSION=2", "STALL=1"]);
+    let o = relive(&["apply", &pid, s.to_str().unwrap(), "--no-wait"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // `relive transition` waits on the stalled thread, holding the lock.
+    let mut waiter = Command::new(env!("CARGO_BIN_EXE_relive"))
+        .args(["transition", &pid, "--timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = relive(&["--json", "status", &pid]);
+        let j: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        if j["agent"]["controller_lock"] == waiter.id() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiter never took the lock: {j}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SIGKILL it and do not reap it yet: it stays a zombie.
+    unsafe_free_kill(waiter.id() as i32);
+    let stat = format!("/proc/{}/stat", waiter.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(&stat).is_ok_and(|b| String::from_utf8_lossy(&b).contains(") Z")) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed relive did not become a zombie"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = relive(&["status", &pid]);
+    assert!(
+        text(&st).contains("has exited; the next command takes it over"),
+        "{}",
+        text(&st)
+    );
+    // The next command takes the lock over and reverses the transition (L6).
+    let o = relive(&["disable", &pid, "zl"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let _ = waiter.wait();
+}
+
+/// SIGKILL by pid through the `kill` command (the tests keep `unsafe` out).
+fn unsafe_free_kill(pid: i32) {
+    let st = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}

@@ -131,6 +131,15 @@ pub fn status_of(loc: &AgentLocation) -> Result<AgentStatus, AgentError> {
     })
 }
 
+/// Whether the relive that holds a lock has exited: gone, or a zombie its parent has not reaped (the agent
+/// takes such a lock over, `ops::process_alive`).
+fn lock_owner_exited(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/stat")) {
+        Ok(stat) => relive_abi::procfs::exited(&stat),
+        Err(_) => !relive_proc::process_exists(pid as i32),
+    }
+}
+
 /// A func as `FuncId` spells it (`<object>/<name>,<sympos>`, the object being a path) for a reader:
 /// `<object file name>:<name>`, with `,<sympos>` only when it picks one of several (above 1).
 fn short_func(f: &str) -> String {
@@ -172,6 +181,11 @@ fn render(s: &AgentStatus) -> String {
         s.pid, s.req_fd, s.pid, s.resp_fd
     );
     match s.controller_lock {
+        Some(p) if lock_owner_exited(p) => {
+            out += &format!(
+                "  controller     none (relive pid {p}, which held the lock, has exited; the next command takes it over)\n"
+            )
+        }
         Some(p) => out += &format!("  controller     locked by relive pid {p}\n"),
         None => out += "  controller     none\n",
     }
