@@ -271,7 +271,8 @@ fn hint_text(f: &HintFacts) -> String {
         parts.push(format!(
             "{owner}, or give it CAP_SYS_PTRACE (`sudo setcap cap_sys_ptrace+ep $(which relive)`)"
         ));
-        if f.container {
+        // A different owner explains the refusal by itself; the container advice is for a same-uid refusal.
+        if f.container && f.target_uid.is_none_or(|t| t == f.euid) {
             parts.push(
                 "this looks like a container: start it with `--cap-add=SYS_PTRACE` (and a seccomp profile that \
                  allows ptrace and process_vm_readv)"
@@ -355,6 +356,13 @@ mod tests {
         assert!(!h.contains("container"), "{h}");
         let h = hint_text(&facts(65534, false, Some("1"), true));
         assert!(h.contains("Yama ptrace_scope is 1"), "{h}");
+        // Another owner explains the refusal: no container advice then.
+        assert!(!h.contains("--cap-add=SYS_PTRACE"), "{h}");
+        // Same uid, in a container: the capability is what is missing.
+        let h = hint_text(&HintFacts {
+            target_uid: Some(65534),
+            ..facts(65534, false, Some("1"), true)
+        });
         assert!(h.contains("--cap-add=SYS_PTRACE"), "{h}");
         let h = hint_text(&facts(65534, false, Some("0"), false));
         assert!(!h.contains("Yama"), "scope 0 restricts nothing: {h}");

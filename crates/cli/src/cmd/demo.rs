@@ -237,7 +237,9 @@ fn run_in(ctx: &Ctx, agent: &Path, workdir: &Path) -> anyhow::Result<Findings> {
     }
     say(
         ctx,
-        &format!("relive demo: patched: request {during} answered {PATCHED:?}; the service never stopped"),
+        &format!(
+            "relive demo: patched: request {during} answered {PATCHED:?}; the service kept answering throughout"
+        ),
     );
 
     // 3. Disable it; the original answers come back.

@@ -216,11 +216,15 @@ fn render(s: &AgentStatus) -> String {
                 format!(" [{}]", flags.join(", "))
             },
             p.path,
-            p.funcs
-                .iter()
-                .map(|f| short_func(f))
-                .collect::<Vec<_>>()
-                .join(" ")
+            if p.funcs.is_empty() {
+                "no functions".to_string()
+            } else {
+                p.funcs
+                    .iter()
+                    .map(|f| short_func(f))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
         );
     }
     if let Some(t) = &s.transition {
