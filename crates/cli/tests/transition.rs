@@ -130,6 +130,16 @@ fn serial_t_issue5_2_stall_reverse_and_force_t_cb9() {
     assert_eq!(j["forced"], true, "{j}");
     // C11 (5.18): a forced patching transition without replace marks no patch forced; the report says so.
     assert_eq!(j["forced_patches"], serde_json::json!([]), "{j}");
+    // The forced threads are named, on stderr and in the JSON: the holder is among them.
+    assert!(
+        j["forced_tids"].as_array().unwrap().iter().any(|t| *t == holder),
+        "{j}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("without a stack check (C11)"),
+        "{}",
+        text(&o)
+    );
     let st = relive(&["--json", "status", &pid]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert!(

@@ -120,6 +120,8 @@ pub struct Report {
     /// transition without replace: SPEC C11 (5.18) marks only the transition patch of an unpatching
     /// transition, or the patches a replace patch removes.
     pub forced_patches: Vec<String>,
+    /// `relive force`: the threads switched without a stack check (C11).
+    pub forced_tids: Vec<i32>,
     /// apply of a replace patch (R1): the active patches it disables.
     pub replaced: Vec<String>,
     /// …and their functions it does not carry, which go back to the original code (`object:function`).
@@ -829,6 +831,23 @@ pub fn force(pid: i32, opts: &Options, progress: &mut dyn Progress) -> Result<Re
     // C11: every pending thread takes the target without a stack check. Their slots are written (a thread not
     // stopped yet is stopped first to learn its TLS block); completion follows at once, so a thread this misses
     // (one that exits or appears meanwhile) is harmless: the entries are about to become direct jumps.
+    let forced: Vec<i32> = out
+        .actions()
+        .filter_map(|a| match a {
+            Action::WriteThreadState { tid, .. } => Some(tid.0),
+            _ => None,
+        })
+        .collect();
+    if !forced.is_empty() {
+        progress.step(&format!(
+            "forcing {} to {} without a stack check (C11): {} (a forced thread may still be inside the code it \
+             leaves)",
+            if forced.len() == 1 { "thread" } else { "threads" },
+            switch::target_word(t.target),
+            forced.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    rep.forced_tids = forced;
     for a in out.actions() {
         if let Action::WriteThreadState { tid, state } = a {
             rep.forced_threads += 1;
