@@ -26,7 +26,8 @@ pub struct Args {
     /// Start the transition and return without waiting for it (exit 0; `relive transition PID` finishes it).
     #[arg(long)]
     pub no_wait: bool,
-    /// Stop waiting after this many seconds; the transition stays pending (exit 4).
+    /// Stop waiting after this many seconds; the transition stays pending (exit 4). Without it, wait until
+    /// the transition is over (Ctrl-C stops waiting and leaves it pending).
     #[arg(long, value_name = "S")]
     pub timeout: Option<f64>,
     /// Accept a non-replace patch whose functions another active patch already owns; newest wins (SPEC K5).

@@ -23,7 +23,8 @@ pub struct Args {
     /// Start the transition and return without waiting for it.
     #[arg(long)]
     pub no_wait: bool,
-    /// Stop waiting after this many seconds; the transition stays pending (exit 4).
+    /// Stop waiting after this many seconds; the transition stays pending (exit 4). Without it, wait until
+    /// the transition is over (Ctrl-C stops waiting and leaves it pending).
     #[arg(long, value_name = "S")]
     pub timeout: Option<f64>,
     #[command(flatten)]

@@ -17,7 +17,8 @@ pub const EXAMPLES: &str = "Examples:
 pub struct Args {
     /// The patched process.
     pub pid: i32,
-    /// Stop waiting after this many seconds; the transition stays pending (exit 4).
+    /// Stop waiting after this many seconds; the transition stays pending (exit 4). Without it, wait until
+    /// the transition is over (Ctrl-C stops waiting and leaves it pending).
     #[arg(long, value_name = "S")]
     pub timeout: Option<f64>,
     #[command(flatten)]

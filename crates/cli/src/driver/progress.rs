@@ -43,6 +43,9 @@ pub trait Progress {
     fn finish(&mut self);
 }
 
+/// How often an unchanged wait is reported again when stderr is not a terminal.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The indicatif bar on stderr. Hidden automatically when stderr is not a terminal, in which case every change of
 /// blockers is printed as a plain line, so logs and CI still show who blocks.
 pub struct Bar {
@@ -51,6 +54,8 @@ pub struct Bar {
     last: Vec<Blocker>,
     last_switched: usize,
     started: std::time::Instant,
+    /// When the last plain line about the rounds was printed (stderr not a terminal).
+    last_print: std::time::Instant,
 }
 
 impl Bar {
@@ -62,6 +67,7 @@ impl Bar {
             last: Vec::new(),
             last_switched: usize::MAX,
             started: std::time::Instant::now(),
+            last_print: std::time::Instant::now(),
         }
     }
 
@@ -75,9 +81,11 @@ impl Bar {
             };
             let bar = ProgressBar::with_draw_target(Some(total as u64), draw);
             bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} threads switched {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} threads switched ({elapsed}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar
         })
@@ -108,6 +116,18 @@ impl Progress for Bar {
             for b in blockers {
                 eprintln!("relive:   blocked: {b}");
             }
+            self.last_print = std::time::Instant::now();
+        } else if !tty && self.last_print.elapsed() >= HEARTBEAT {
+            // Nothing changed: say so now and then, so a long wait does not look like a hang.
+            eprintln!(
+                "relive: {patch} → {target}: still {switched}/{total} threads switched after {} s{}",
+                self.started.elapsed().as_secs(),
+                blockers
+                    .first()
+                    .map(|b| format!("; blocked: {b}"))
+                    .unwrap_or_default()
+            );
+            self.last_print = std::time::Instant::now();
         }
         self.last = blockers.to_vec();
         self.last_switched = switched;
