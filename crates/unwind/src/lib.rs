@@ -364,13 +364,33 @@ impl Unwinder {
             if frames.len() >= max_depth {
                 return Err(Unreliable::DepthLimit { max: max_depth });
             }
-            // A thunk's frame: the return address of its call, with the frame size recorded for it.
-            if matches!(kind, FrameKind::Return)
+            // relive's own code has no CFI. A thunk's frame, at the return address of its call: the caller's
+            // return address is at [rsp + the frame size recorded for it]. A stub (innermost only): at [rsp].
+            let stub = if matches!(kind, FrameKind::Return)
                 && let Some((size, label)) = self.return_sites.get(&pc)
             {
+                Some((*size, label.clone()))
+            } else if let Some(label) = self.stub_for(lookup) {
+                if !matches!(kind, FrameKind::Live | FrameKind::SignalInterrupted) {
+                    frames.push(Frame {
+                        pc,
+                        kind: FrameKind::Stub {
+                            label: label.to_string(),
+                        },
+                    });
+                    return Err(Unreliable::StubNotInnermost {
+                        pc,
+                        label: label.to_string(),
+                    });
+                }
+                Some((0, label.to_string()))
+            } else {
+                None
+            };
+            if let Some((size, label)) = stub {
                 frames.push(Frame {
                     pc,
-                    kind: FrameKind::Stub { label: label.clone() },
+                    kind: FrameKind::Stub { label },
                 });
                 let slot = regs.sp() + size;
                 let ra = read(slot).map_err(|()| Unreliable::UnwindError {
@@ -378,33 +398,6 @@ impl Unwinder {
                     detail: format!("cannot read the return address at {slot:#x}"),
                 })?;
                 regs.set_sp(slot + 8);
-                regs.set_ip(ra);
-                addr = FrameAddress::from_return_address(ra).ok_or(Unreliable::UnwindError {
-                    pc,
-                    detail: "null return address".into(),
-                })?;
-                kind = FrameKind::Return;
-                continue;
-            }
-            if let Some(label) = self.stub_for(lookup) {
-                frames.push(Frame {
-                    pc,
-                    kind: FrameKind::Stub {
-                        label: label.to_string(),
-                    },
-                });
-                if !matches!(kind, FrameKind::Live | FrameKind::SignalInterrupted) {
-                    return Err(Unreliable::StubNotInnermost {
-                        pc,
-                        label: label.to_string(),
-                    });
-                }
-                let sp = regs.sp();
-                let ra = read(sp).map_err(|()| Unreliable::UnwindError {
-                    pc,
-                    detail: format!("cannot read [rsp] at {sp:#x}"),
-                })?;
-                regs.set_sp(sp + 8);
                 regs.set_ip(ra);
                 addr = FrameAddress::from_return_address(ra).ok_or(Unreliable::UnwindError {
                     pc,
