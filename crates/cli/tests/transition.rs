@@ -99,6 +99,10 @@ fn serial_t_issue5_2_stall_reverse_and_force_t_cb9() {
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
     let j = json(&o);
     assert_eq!(j["outcome"], "pending", "{j}");
+    assert!(
+        j["pending"].as_u64().unwrap() >= 1,
+        "the held thread is still to switch: {j}"
+    );
     let b = j["blockers"].as_array().unwrap();
     let held = b
         .iter()

@@ -122,6 +122,9 @@ pub struct Report {
     pub forced_patches: Vec<String>,
     /// `relive force`: the threads switched without a stack check (C11).
     pub forced_tids: Vec<i32>,
+    /// Threads still to switch when the command returned (0 once the transition is over). `switched` counts
+    /// only this command's switches.
+    pub pending: usize,
     /// apply of a replace patch (R1): the active patches it disables.
     pub replaced: Vec<String>,
     /// …and their functions it does not carry, which go back to the original code (`object:function`).
@@ -165,16 +168,24 @@ impl Report {
         let patch = self.patch.as_deref().unwrap_or("-");
         match self.outcome.as_str() {
             "already_active" => format!("patch {patch} is already active in pid {}", self.pid),
+            "nothing_pending" if self.threads == 0 => {
+                format!("pid {} has no transition pending; nothing to do", self.pid)
+            }
             "nothing_pending" => format!(
                 "pid {} has no transition pending; nothing to do ({} threads)",
                 self.pid, self.threads
             ),
             "pending" => {
+                let pending = if self.pending > 0 {
+                    self.pending
+                } else {
+                    self.blockers.len()
+                };
                 let mut s = format!(
                     "patch {patch} in pid {}: transition to {} still pending: {}/{} threads switched",
                     self.pid,
                     self.target.as_deref().unwrap_or("?"),
-                    self.threads - self.blockers.len().min(self.threads),
+                    self.threads - pending.min(self.threads),
                     self.threads
                 );
                 for b in &self.blockers {
@@ -490,6 +501,7 @@ fn finish_transition(
     rep.transition_ms = transition_started.elapsed().as_secs_f64() * 1e3;
     if let Some(t) = s.doc.model.transition() {
         rep.target = Some(switch::target_word(t.target).into());
+        rep.pending = s.doc.model.pending().len();
     }
     if done {
         rep.outcome = "completed".into();
